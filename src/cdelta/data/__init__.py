@@ -1,0 +1,1 @@
+"""Prompt sets: the project's own, public sets shipped on PyPI, and user files."""

@@ -1,0 +1,109 @@
+"""The ``PromptSet`` abstraction: prompts with category, source, kind and split."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+
+HARM_CATEGORIES = ("cybercrime", "weapons", "drugs", "fraud", "hate", "privacy")
+"""The project's harm categories (see docs/categories.md for each source's mapping)."""
+
+HARMLESS = "harmless"
+LOOKALIKE = "lookalike"
+KINDS = ("harmful", HARMLESS, LOOKALIKE)
+SPLITS = ("train", "val", "test")
+SPLIT_FRACTIONS = (0.5, 0.2, 0.3)
+"""Fractions of each category assigned to train/val/test by ``assign_split``."""
+DEFAULT_SPLIT_SEED = 0
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One prompt.
+
+    ``category`` is a project category for harmful prompts, ``harmless`` or
+    ``lookalike`` otherwise, or ``other`` when a source category maps to nothing;
+    ``source_category`` keeps the source's own label. ``kind`` is one of ``KINDS``.
+    """
+
+    id: str
+    text: str
+    category: str
+    kind: str
+    source: str
+    split: str = "test"
+    source_category: str = ""
+
+
+def assign_split(prompt_id: str, seed: int = DEFAULT_SPLIT_SEED) -> str:
+    """Deterministic split of one prompt id: a seeded hash mapped onto ``SPLIT_FRACTIONS``."""
+    digest = hashlib.sha256(f"{seed}:{prompt_id}".encode()).digest()
+    u = int.from_bytes(digest[:8], "big") / 2**64
+    edge = 0.0
+    for split, fraction in zip(SPLITS, SPLIT_FRACTIONS):
+        edge += fraction
+        if u < edge:
+            return split
+    return SPLITS[-1]
+
+
+class PromptSet:
+    """An ordered, immutable collection of prompts with filtering helpers."""
+
+    def __init__(self, name: str, prompts: list[Prompt]) -> None:
+        self.name = name
+        self.prompts = list(prompts)
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def __iter__(self) -> Iterator[Prompt]:
+        return iter(self.prompts)
+
+    def __add__(self, other: PromptSet) -> PromptSet:
+        return PromptSet(f"{self.name}+{other.name}", self.prompts + other.prompts)
+
+    def __repr__(self) -> str:
+        return f"PromptSet({self.name!r}, n={len(self)}, categories={self.categories()})"
+
+    def texts(self) -> list[str]:
+        """Prompt texts in order."""
+        return [p.text for p in self.prompts]
+
+    def categories(self) -> list[str]:
+        """Distinct categories in first-seen order."""
+        return list(dict.fromkeys(p.category for p in self.prompts))
+
+    def filter(
+        self,
+        category: str | list[str] | None = None,
+        split: str | list[str] | None = None,
+        kind: str | list[str] | None = None,
+        exclude_category: str | list[str] | None = None,
+    ) -> PromptSet:
+        """Prompts matching every given criterion (a string or a list of accepted values)."""
+
+        def accepted(value: str | list[str] | None) -> set[str] | None:
+            return None if value is None else ({value} if isinstance(value, str) else set(value))
+
+        cats, splits, kinds, excluded = map(accepted, (category, split, kind, exclude_category))
+        kept = [
+            p
+            for p in self.prompts
+            if (cats is None or p.category in cats)
+            and (splits is None or p.split in splits)
+            and (kinds is None or p.kind in kinds)
+            and (excluded is None or p.category not in excluded)
+        ]
+        return PromptSet(self.name, kept)
+
+    def with_splits(self, seed: int = DEFAULT_SPLIT_SEED) -> PromptSet:
+        """A copy whose prompts get seeded splits from their ids."""
+        return PromptSet(self.name, [replace(p, split=assign_split(p.id, seed)) for p in self.prompts])
+
+    def sample(self, n: int, seed: int = 0) -> PromptSet:
+        """Up to ``n`` prompts chosen deterministically by a seeded hash of their ids."""
+        ranked = sorted(self.prompts, key=lambda p: hashlib.sha256(f"{seed}:{p.id}".encode()).digest())
+        chosen = {p.id for p in ranked[:n]}
+        return PromptSet(self.name, [p for p in self.prompts if p.id in chosen])

@@ -1,0 +1,1 @@
+"""Model loading, bundled offline models, and per-architecture component naming."""

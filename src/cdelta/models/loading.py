@@ -1,0 +1,117 @@
+"""Load a chat model by bundled name, local directory, or hub id."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from cdelta.errors import CdeltaError
+from cdelta.models.bundled import BUNDLED, cache_info, get_bundled, materialize, sha256_file
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LoadedModel:
+    """A causal LM, its tokenizer, and where it came from.
+
+    ``weights_sha256`` is the sha256 over the sorted safetensors files' own hashes
+    (one file: that file's hash); it identifies the base weights a delta applies to.
+    """
+
+    model: torch.nn.Module
+    tokenizer: object
+    name: str
+    path: Path | None
+    weights_sha256: str
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+def resolve_device(device: str) -> torch.device:
+    """Map ``auto|cpu|cuda|mps`` to a torch device, failing clearly if unavailable."""
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise CdeltaError("device 'cuda' requested but no CUDA GPU is visible", "use --device cpu or auto")
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise CdeltaError("device 'mps' requested but MPS is not available", "use --device cpu or auto")
+    if device not in {"cpu", "mps"} and not device.startswith("cuda"):
+        raise CdeltaError(f"unknown device '{device}'", "use one of: auto, cpu, cuda, mps")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str) -> torch.dtype:
+    """Map a dtype name to a torch dtype."""
+    if dtype not in DTYPES:
+        raise CdeltaError(f"unknown dtype '{dtype}'", f"use one of: {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def weights_hash(directory: Path) -> str:
+    """Identity hash of a model directory's safetensors weights (see ``LoadedModel``)."""
+    info = cache_info(directory)
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise CdeltaError(f"no *.safetensors weights in {directory}", "point --model at a Hugging Face model directory")
+    per_file = (info or {}).get("weights_sha256") or {f.name: sha256_file(f) for f in files}
+    if len(per_file) == 1:
+        return next(iter(per_file.values()))
+    joined = "".join(f"{name}:{digest}\n" for name, digest in sorted(per_file.items()))
+    return hashlib.sha256(joined.encode()).hexdigest()
+
+
+def resolve_model_path(name_or_path: str) -> Path | None:
+    """Local directory for a bundled name or path; None means "treat as a hub id"."""
+    if name_or_path in BUNDLED:
+        return materialize(get_bundled(name_or_path))
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise CdeltaError(f"{path} is not a model directory (no config.json)", "pass a Hugging Face model directory or a bundled name")
+        return path
+    if "/" not in name_or_path:
+        known = ", ".join(sorted(BUNDLED))
+        raise CdeltaError(f"unknown model '{name_or_path}'", f"use a bundled model ({known}), a local directory, or a hub id like org/name")
+    return None
+
+
+def load_model(
+    name_or_path: str,
+    device: str = "cpu",
+    dtype: str = "float32",
+    trust_remote_code: bool = False,
+    require_chat_template: bool = True,
+) -> LoadedModel:
+    """Load model and tokenizer in eval mode, with left padding for batched generation."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model_path(name_or_path)
+    source = str(path) if path is not None else name_or_path
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            source, dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code
+        )
+    except OSError as exc:
+        raise CdeltaError(
+            f"could not load model '{name_or_path}': {str(exc).splitlines()[0]}",
+            "check the name, or pass a local model directory (this machine may be offline)",
+        ) from None
+    if require_chat_template and not getattr(tokenizer, "chat_template", None):
+        raise CdeltaError(f"model '{name_or_path}' has no chat template", "use an instruction-tuned chat model whose tokenizer defines chat_template")
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.to(resolve_device(device)).eval()
+    digest = weights_hash(path) if path is not None else "unhashed-hub-download"
+    return LoadedModel(model=model, tokenizer=tokenizer, name=name_or_path, path=path, weights_sha256=digest)

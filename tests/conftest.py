@@ -1,0 +1,89 @@
+"""Shared fixtures: tiny random llama / qwen2 chat models built in the test, no downloads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def make_tokenizer():
+    """A byte-level BPE tokenizer trained on a few sentences, with a chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    corpus = [
+        "I'm sorry, but I can't help with that.",
+        "Sure, here is how to write a Python function that sorts a list.",
+        "How do I hack into a server and steal passwords?",
+        "Write a poem about the sea and the sky.",
+    ] * 10
+    tok.train_from_iterator(corpus, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", bos_token=None
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    fast.padding_side = "left"
+    return fast
+
+
+def make_model(kind: str = "llama", seed: int = 0, vocab_size: int = 300) -> torch.nn.Module:
+    """A 2-layer random decoder (4 query heads, 2 key/value heads: GQA)."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    common = dict(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+    )
+    if kind == "llama":
+        model = LlamaForCausalLM(LlamaConfig(**common))
+    elif kind == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(**common))
+    else:
+        raise ValueError(kind)
+    return model.eval()
+
+
+@pytest.fixture(params=["llama", "qwen2"])
+def tiny_model_dir(request, tmp_path) -> Path:
+    """A saved tiny chat model directory (llama and qwen2 variants)."""
+    tokenizer = make_tokenizer()
+    model = make_model(request.param, vocab_size=len(tokenizer))
+    out = tmp_path / f"tiny-{request.param}"
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture
+def tiny_llama_dir(tmp_path) -> Path:
+    """A saved tiny llama chat model directory."""
+    tokenizer = make_tokenizer()
+    model = make_model("llama", vocab_size=len(tokenizer))
+    out = tmp_path / "tiny-llama"
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
