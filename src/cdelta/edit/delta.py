@@ -1,0 +1,145 @@
+"""ΔθC: composing, applying and storing circuit-restricted weight updates.
+
+A delta maps parameter names (as in the checkpoint's safetensors files) to dense
+float32 tensors that are zero outside the circuit. The sparse file stores, per
+tensor, the flat indices of nonzero entries (int64) and their values (float32),
+with a manifest naming the base weights' sha256 so it is only ever applied to the
+weights it was computed from.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save, save_file
+
+from cdelta.errors import CdeltaError
+from cdelta.io import atomic_write_bytes
+
+DELTA_FORMAT = "cdelta-sparse-delta/1"
+Delta = dict[str, torch.Tensor]
+
+
+def compose(positive: Delta, negative: Delta | None = None, scale: float = 1.0) -> Delta:
+    """``scale · (positive − negative)`` per tensor (``negative`` absent means zero)."""
+    negative = negative or {}
+    names = sorted(set(positive) | set(negative))
+    zero = {n: torch.zeros_like(positive.get(n, negative.get(n))) for n in names}
+    return {n: scale * (positive.get(n, zero[n]) - negative.get(n, zero[n])) for n in names}
+
+
+def add_deltas(*deltas: Delta) -> Delta:
+    """Sum of several deltas (composed edits, e.g. two categories)."""
+    total: Delta = {}
+    for delta in deltas:
+        for name, value in delta.items():
+            total[name] = total[name] + value if name in total else value.clone()
+    return total
+
+
+def count_touched(delta: Delta) -> int:
+    """Number of weight entries the delta changes."""
+    return int(sum((value != 0).sum().item() for value in delta.values()))
+
+
+@torch.no_grad()
+def apply_to_model(model: torch.nn.Module, delta: Delta) -> None:
+    """Add ``delta`` to the model's parameters in place (cast to each parameter's dtype)."""
+    params = dict(model.named_parameters())
+    missing = [name for name in delta if name not in params]
+    if missing:
+        raise CdeltaError(f"delta names parameters the model lacks: {missing[:3]}", "apply it to the base model it was made for")
+    for name, value in delta.items():
+        param = params[name]
+        param.copy_((param.float() + value.to(param.device)).to(param.dtype))
+
+
+def save_sparse(delta: Delta, path: Path, manifest: dict) -> None:
+    """Write the sparse delta (indices + values per tensor) with ``manifest`` in its header, atomically.
+
+    Output is byte-identical for identical deltas and manifests.
+    """
+    tensors: dict[str, torch.Tensor] = {}
+    shapes = {}
+    for name in sorted(delta):
+        flat = delta[name].reshape(-1).float()
+        index = torch.nonzero(flat, as_tuple=False).reshape(-1).to(torch.int64)
+        if index.numel() == 0:
+            continue
+        tensors[f"{name}::indices"] = index.contiguous()
+        tensors[f"{name}::values"] = flat[index].contiguous()
+        shapes[name] = list(delta[name].shape)
+    header = {**manifest, "format": DELTA_FORMAT, "shapes": shapes, "touched": sum(t.numel() for k, t in tensors.items() if k.endswith("::indices"))}
+    atomic_write_bytes(path, save(tensors, metadata={"manifest": json.dumps(header, sort_keys=True)}))
+
+
+def read_manifest(path: Path) -> dict:
+    """The manifest stored in a sparse delta file."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            manifest = json.loads((handle.metadata() or {})["manifest"])
+    except (OSError, KeyError, ValueError, json.JSONDecodeError) as exc:
+        raise CdeltaError(f"{path} is not a cdelta sparse delta ({exc.__class__.__name__})", "pass the delta.safetensors written by cdelta") from None
+    if manifest.get("format") != DELTA_FORMAT:
+        raise CdeltaError(f"{path} has unknown delta format {manifest.get('format')!r}", f"expected {DELTA_FORMAT}")
+    return manifest
+
+
+def load_sparse(path: Path) -> tuple[Delta, dict]:
+    """Dense delta and manifest from a sparse delta file."""
+    manifest = read_manifest(path)
+    tensors = load_file(str(path))
+    delta: Delta = {}
+    for name, shape in manifest["shapes"].items():
+        dense = torch.zeros(int(torch.tensor(shape).prod()), dtype=torch.float32)
+        dense[tensors[f"{name}::indices"]] = tensors[f"{name}::values"]
+        delta[name] = dense.reshape(shape)
+    return delta, manifest
+
+
+def write_edited_checkpoint(base_dir: Path, delta: Delta, out_dir: Path) -> None:
+    """Copy a model directory, adding ``delta`` to its safetensors weights, atomically.
+
+    Every non-weight file (config, tokenizer, chat template, generation config) is
+    copied unchanged, so the result loads with plain ``from_pretrained``.
+    """
+    base_dir, out_dir = Path(base_dir), Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    remaining = set(delta)
+    with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}.") as tmp:
+        staging = Path(tmp) / "model"
+        shutil.copytree(base_dir, staging, ignore=shutil.ignore_patterns("*.safetensors", "cdelta-cache.json"))
+        for weights in sorted(base_dir.glob("*.safetensors")):
+            with safe_open(str(weights), framework="pt") as handle:
+                metadata = handle.metadata()
+            tensors = load_file(str(weights))
+            for name in sorted(remaining & set(tensors)):
+                tensors[name] = (tensors[name].float() + delta[name]).to(tensors[name].dtype)
+                remaining.discard(name)
+            save_file(tensors, str(staging / weights.name), metadata=metadata)
+        if remaining:
+            raise CdeltaError(f"delta names tensors absent from {base_dir}: {sorted(remaining)[:3]}", "apply it to the base model it was made for")
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        staging.rename(out_dir)
+
+
+def apply_sparse_delta(base_dir: Path, delta_path: Path, out_dir: Path) -> dict:
+    """Verify the base weights' hash against the delta's manifest, then write base + delta."""
+    from cdelta.models.loading import weights_hash
+
+    delta, manifest = load_sparse(delta_path)
+    actual = weights_hash(Path(base_dir))
+    expected = manifest.get("base_weights_sha256")
+    if actual != expected:
+        raise CdeltaError(
+            f"base weights hash {actual[:12]}… does not match the delta's base {str(expected)[:12]}…",
+            "apply the delta to the exact base checkpoint it was computed from",
+        )
+    write_edited_checkpoint(Path(base_dir), delta, Path(out_dir))
+    return manifest

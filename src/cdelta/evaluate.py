@@ -1,0 +1,221 @@
+"""Evaluation: refusal per prompt set and category with Wilson intervals, and utility.
+
+Utility is measured three ways: perplexity on a fixed public-domain text, MMLU
+accuracy on a fixed sample (letter scoring), and first-token KL on harmless prompts
+against a reference model.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from cdelta.data.prompts import HARMLESS, LOOKALIKE, PromptSet
+from cdelta.generation import generate
+from cdelta.models.chat import encode_chat
+
+
+def wilson_interval(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """Wilson score 95% interval for ``k`` successes out of ``n`` (as fractions)."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = k / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+@dataclass
+class RefusalStat:
+    """Refusal rate of one (prompt set, category) cell."""
+
+    refusals: int
+    n: int
+    kind: str
+
+    @property
+    def rate(self) -> float:
+        return self.refusals / self.n if self.n else float("nan")
+
+    def to_json(self) -> dict:
+        lo, hi = wilson_interval(self.refusals, self.n)
+        return {"refusal_rate": self.rate, "n": self.n, "refusals": self.refusals, "ci95": [lo, hi], "kind": self.kind}
+
+
+def refusal_stats(prompts: PromptSet, refused: list[bool]) -> dict[str, RefusalStat]:
+    """Per-category refusal counts for judged prompts (same order as ``prompts``)."""
+    cells: dict[str, RefusalStat] = {}
+    for prompt, is_refusal in zip(prompts, refused):
+        cell = cells.setdefault(prompt.category, RefusalStat(0, 0, prompt.kind))
+        cell.n += 1
+        cell.refusals += int(is_refusal)
+    return cells
+
+
+def judge_generations(
+    model: torch.nn.Module,
+    tokenizer,
+    prompts: PromptSet,
+    judge,
+    max_new_tokens: int = 48,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> tuple[list[str], list[bool]]:
+    """Generate greedily for every prompt and judge each completion."""
+    completions = generate(
+        model, tokenizer, prompts.texts(), max_new_tokens, batch_size, progress, description=f"{prompts.name}"
+    )
+    refused = [judge.is_refusal(p.text, c) for p, c in zip(prompts, completions)]
+    return completions, refused
+
+
+def pooled_rate(stats: dict[str, dict[str, RefusalStat]], kind: str) -> dict:
+    """Refusal pooled over every set's cells of one ``kind`` (e.g. harmless)."""
+    k = sum(c.refusals for cells in stats.values() for c in cells.values() if c.kind == kind)
+    n = sum(c.n for cells in stats.values() for c in cells.values() if c.kind == kind)
+    return RefusalStat(k, n, kind).to_json()
+
+
+@torch.no_grad()
+def perplexity(model: torch.nn.Module, tokenizer, text: str, window: int = 512) -> float:
+    """Token perplexity of ``text`` in non-overlapping windows of ``window`` tokens."""
+    device = next(model.parameters()).device
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][0]
+    total_nll, total_tokens = 0.0, 0
+    for start in range(0, len(ids) - 1, window):
+        chunk = ids[start : start + window + 1].unsqueeze(0).to(device)
+        if chunk.shape[1] < 2:
+            break
+        logits = model(chunk[:, :-1]).logits.float()
+        nll = F.cross_entropy(logits[0], chunk[0, 1:], reduction="sum")
+        total_nll += nll.item()
+        total_tokens += chunk.shape[1] - 1
+    return math.exp(total_nll / total_tokens)
+
+
+def _mmlu_prompt(item: dict) -> str:
+    """A zero-shot multiple-choice prompt asking for a single letter."""
+    options = "\n".join(f"{letter}. {item[f'answer_{letter.lower()}']}" for letter in "ABCD")
+    return f"{item['question']}\n\n{options}\n\nAnswer with the letter of the correct option only."
+
+
+@torch.no_grad()
+def mmlu_accuracy(model: torch.nn.Module, tokenizer, items: list[dict], batch_size: int = 8) -> float:
+    """Fraction of items whose highest-scoring letter token (A–D) at the reply start is correct."""
+    device = next(model.parameters()).device
+    letter_ids = [tokenizer.encode(letter, add_special_tokens=False)[0] for letter in "ABCD"]
+    correct = 0
+    for start in range(0, len(items), batch_size):
+        chunk = items[start : start + batch_size]
+        batch = encode_chat(tokenizer, [_mmlu_prompt(item) for item in chunk], device)
+        logits = model(**batch).logits[:, -1, letter_ids]
+        predicted = logits.argmax(-1).tolist()
+        correct += sum("ABCD"[p] == item["correct_answer"].strip().upper() for p, item in zip(predicted, chunk))
+    return correct / len(items)
+
+
+@torch.no_grad()
+def next_token_logprobs(model: torch.nn.Module, tokenizer, prompts: list[str], batch_size: int = 16) -> torch.Tensor:
+    """Log-probabilities of the first reply token, shape [n_prompts, vocab], float32 on CPU."""
+    device = next(model.parameters()).device
+    rows = []
+    for start in range(0, len(prompts), batch_size):
+        batch = encode_chat(tokenizer, prompts[start : start + batch_size], device)
+        rows.append(F.log_softmax(model(**batch).logits[:, -1].float(), -1).cpu())
+    return torch.cat(rows)
+
+
+def first_token_kl(reference_logprobs: torch.Tensor, logprobs: torch.Tensor) -> float:
+    """Mean KL(reference ‖ model) of first-token distributions, in nats."""
+    return F.kl_div(logprobs, reference_logprobs, log_target=True, reduction="batchmean").item()
+
+
+def summarize(stats: dict[str, dict[str, RefusalStat]]) -> dict:
+    """JSON tables per set and category, plus pooled harmless and look-alike refusal."""
+    tables = {name: {cat: cell.to_json() for cat, cell in cells.items()} for name, cells in stats.items()}
+    by_kind = defaultdict(dict)
+    for kind in ("harmful", HARMLESS, LOOKALIKE):
+        pooled = pooled_rate(stats, kind)
+        if pooled["n"]:
+            by_kind[kind] = pooled
+    return {"sets": tables, "pooled": dict(by_kind)}
+
+
+def limit_per_category(prompts: PromptSet, limit: int | None, seed: int = 0) -> PromptSet:
+    """At most ``limit`` prompts per category, chosen by a seeded hash (all when None)."""
+    if limit is None:
+        return prompts
+    kept = []
+    for category in prompts.categories():
+        kept += prompts.filter(category=category).sample(limit, seed).prompts
+    return PromptSet(prompts.name, kept)
+
+
+@dataclass
+class EvalConfig:
+    """What ``evaluate_model`` measures; the CLI flags mirror these fields."""
+
+    split: str = "test"
+    judge: str = "classifier"
+    max_new_tokens: int = 48
+    batch_size: int = 16
+    limit_per_category: int | None = None
+    mmlu_n: int = 100
+    ppl_chars: int = 20000
+    kl_prompts: int = 64
+    seed: int = 0
+
+
+def evaluate_model(
+    model: torch.nn.Module,
+    tokenizer,
+    prompt_sets: list[PromptSet],
+    config: EvalConfig,
+    reference: tuple[torch.nn.Module, object] | None = None,
+    progress: bool = True,
+) -> dict:
+    """Refusal tables for every prompt set, pooled rates, utility, and all generations.
+
+    ``reference`` is (model, tokenizer) used for first-token KL on harmless prompts.
+    """
+    from cdelta.data.public import load_mmlu, load_ppl_text
+    from cdelta.judge import get_judge
+
+    judge = get_judge(config.judge)
+    stats: dict[str, dict[str, RefusalStat]] = {}
+    generations: dict[str, list[dict]] = {}
+    harmless_texts: list[str] = []
+    for prompts in prompt_sets:
+        chosen = limit_per_category(prompts.filter(split=config.split), config.limit_per_category, config.seed)
+        completions, refused = judge_generations(
+            model, tokenizer, chosen, judge, config.max_new_tokens, config.batch_size, progress
+        )
+        stats[prompts.name] = refusal_stats(chosen, refused)
+        generations[prompts.name] = [
+            {"id": p.id, "category": p.category, "prompt": p.text, "completion": c, "refusal": r}
+            for p, c, r in zip(chosen, completions, refused)
+        ]
+        harmless_texts += [p.text for p in chosen if p.kind == HARMLESS]
+    utility: dict[str, float | int | None] = {
+        "perplexity": perplexity(model, tokenizer, load_ppl_text(config.ppl_chars)),
+        "ppl_chars": config.ppl_chars,
+    }
+    if config.mmlu_n:
+        utility["mmlu_accuracy"] = mmlu_accuracy(model, tokenizer, load_mmlu(config.mmlu_n, config.seed))
+        utility["mmlu_n"] = config.mmlu_n
+    if reference is not None:
+        ref_model, ref_tokenizer = reference
+        utility["reference_perplexity"] = perplexity(ref_model, ref_tokenizer, load_ppl_text(config.ppl_chars))
+        utility["perplexity_ratio"] = utility["perplexity"] / utility["reference_perplexity"]
+    if reference is not None and harmless_texts:
+        texts = harmless_texts[: config.kl_prompts]
+        utility["first_token_kl"] = first_token_kl(
+            next_token_logprobs(ref_model, ref_tokenizer, texts), next_token_logprobs(model, tokenizer, texts)
+        )
+        utility["kl_prompts"] = len(texts)
+    return {**summarize(stats), "utility": utility, "generations": generations}

@@ -1,0 +1,55 @@
+"""ΔθC storage and application: sparse round trip, hash checks, identical results."""
+
+import torch
+from transformers import AutoModelForCausalLM
+
+import pytest
+
+from cdelta.edit.delta import apply_sparse_delta, apply_to_model, compose, load_sparse, save_sparse, write_edited_checkpoint
+from cdelta.errors import CdeltaError
+from cdelta.models.loading import load_model
+
+
+def _random_delta(model, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    delta = {}
+    for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.down_proj.weight"):
+        shape = dict(model.named_parameters())[name].shape
+        mask = torch.rand(shape, generator=gen) < 0.1
+        delta[name] = torch.randn(shape, generator=gen) * mask
+    return delta
+
+
+def test_sparse_round_trip_is_exact_and_byte_identical(tiny_llama_dir, tmp_path):
+    lm = load_model(str(tiny_llama_dir))
+    delta = _random_delta(lm.model)
+    manifest = {"base_weights_sha256": lm.weights_sha256}
+    save_sparse(delta, tmp_path / "a.safetensors", manifest)
+    save_sparse(delta, tmp_path / "b.safetensors", manifest)
+    assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
+    loaded, header = load_sparse(tmp_path / "a.safetensors")
+    assert header["touched"] == sum(int((d != 0).sum()) for d in delta.values())
+    for name in delta:
+        assert torch.equal(loaded[name], delta[name])
+
+
+def test_apply_delta_matches_in_memory_edit_and_checks_hash(tiny_llama_dir, tmp_path):
+    lm = load_model(str(tiny_llama_dir))
+    delta = _random_delta(lm.model)
+    save_sparse(delta, tmp_path / "d.safetensors", {"base_weights_sha256": lm.weights_sha256})
+    apply_sparse_delta(tiny_llama_dir, tmp_path / "d.safetensors", tmp_path / "edited")
+    edited = AutoModelForCausalLM.from_pretrained(tmp_path / "edited")
+    apply_to_model(lm.model, delta)
+    for (name, a), (_, b) in zip(lm.model.named_parameters(), edited.named_parameters()):
+        assert torch.equal(a, b), name
+    other = tmp_path / "other"
+    write_edited_checkpoint(tiny_llama_dir, {k: v * 0 + 1 for k, v in delta.items()}, other)
+    with pytest.raises(CdeltaError, match="does not match"):
+        apply_sparse_delta(other, tmp_path / "d.safetensors", tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()
+
+
+def test_compose_is_scaled_difference():
+    pos = {"w": torch.tensor([1.0, 2.0, 0.0])}
+    neg = {"w": torch.tensor([0.5, 2.0, 0.0])}
+    assert torch.equal(compose(pos, neg, 2.0)["w"], torch.tensor([1.0, 0.0, 0.0]))
