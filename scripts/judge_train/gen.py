@@ -1,6 +1,6 @@
 """Compose judge_train.jsonl from the hand-written parts in this folder (seeded, deterministic)."""
 import json, random, sys
-sys.path.insert(0, "/tmp/judgegen")
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
 from parts_harmful import HARMFUL
 from parts_safe import SAFE
 from parts_templates import *

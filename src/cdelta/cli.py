@@ -155,6 +155,73 @@ def eval_cmd(
     out.print(f"wrote {out_path}")
 
 
+@app.command("run")
+def run_cmd(
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Run directory (stages resume from it).")] = Path("runs/default"),
+    config: Annotated[Optional[Path], typer.Option(help="TOML file of settings (flags override it).")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Bundled model name, local HF directory, or hub id.")] = None,
+    category: Annotated[Optional[str], typer.Option(help="Target category, or several comma-separated.")] = None,
+    circuit: Annotated[Optional[str], typer.Option(help="Circuit selection: params:F, top_k:N, top_frac:F, threshold:S.")] = None,
+    variant: Annotated[Optional[str], typer.Option(help="direct or contrastive.")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Fine-tune steps.")] = None,
+    k: Annotated[Optional[float], typer.Option(help="Scale of the update (default: chosen on the validation split).")] = None,
+    controls: Annotated[Optional[str], typer.Option(help="Comma-separated controls: random, full.")] = None,
+    n_pairs: Annotated[Optional[int], typer.Option(help="Prompt pairs for EAP-IG.")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Random seed.")] = None,
+    device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda or mps.")] = None,
+    dtype: Annotated[Optional[str], typer.Option(help="float32, bfloat16 or float16.")] = None,
+    trust_remote_code: Annotated[Optional[bool], typer.Option("--trust-remote-code", help="Allow model repos to run their own code.")] = None,
+) -> None:
+    """The main job: localize the category's refusal circuit, edit it, export, and evaluate before/after."""
+    from cdelta.config import load_config_file, make_config
+    from cdelta.pipeline import run_pipeline
+
+    _quiet_libraries()
+    overrides = dict(
+        model=model, category=category.split(",") if category else None, circuit=circuit, variant=variant, steps=steps,
+        k=k, controls=controls.split(",") if controls else None, n_pairs=n_pairs, seed=seed, device=device,
+        dtype=dtype, trust_remote_code=trust_remote_code,
+    )
+    cfg = make_config(load_config_file(config) if config else {}, overrides)
+    results = run_pipeline(cfg, out_dir, log=lambda message: console.print(f"[dim]{message}[/]"))
+    _print_before_after(results)
+    out.print(f"wrote {out_dir}/results.json, {out_dir}/checkpoint/, {out_dir}/delta.safetensors")
+
+
+def _print_before_after(results: dict) -> None:
+    """Before/after refusal per category, with the edit's size and utility."""
+    table = Table("set", "category", "base", "edited", "n", "edited 95% CI")
+    for name, cells in results["edited"]["sets"].items():
+        for category, cell in cells.items():
+            base = results["base"]["sets"][name][category]["refusal_rate"]
+            lo, hi = cell["ci95"]
+            table.add_row(name, category, f"{base:.1%}", f"{cell['refusal_rate']:.1%}", str(cell["n"]), f"[{lo:.1%}, {hi:.1%}]")
+    out.print(table)
+    edit = results["edit"]
+    utility = results["edited"]["utility"]
+    out.print(
+        f"k={edit['k']:g}, parameters touched {edit['params_touched']:,} ({edit['params_touched_fraction']:.3%}); "
+        f"perplexity ratio {utility.get('perplexity_ratio', float('nan')):.4f}, first-token KL {utility.get('first_token_kl', float('nan')):.4f}"
+    )
+
+
+@app.command("apply-delta")
+def apply_delta_cmd(
+    base: Annotated[Path, typer.Argument(help="Base model directory (must match the delta's base hash).")],
+    delta: Annotated[Path, typer.Argument(help="delta.safetensors written by cdelta run.")],
+    out_dir: Annotated[Path, typer.Argument(help="Where to write the edited checkpoint.")],
+) -> None:
+    """Re-apply a sparse ΔθC to its verified base weights, writing a drop-in checkpoint."""
+    from cdelta.edit.delta import apply_sparse_delta
+    from cdelta.models.loading import resolve_model_path
+
+    base_dir = resolve_model_path(str(base))
+    if base_dir is None or not delta.is_file():
+        raise CdeltaError(f"{base if base_dir is None else delta} not found", "pass a local base model directory and an existing delta file")
+    manifest = apply_sparse_delta(base_dir, delta, out_dir)
+    out.print(f"applied {manifest['params_touched']:,} changed weights ({manifest.get('category')}) -> {out_dir}")
+
+
 def main() -> None:
     """Console entry point: user errors become one line on stderr and exit status 2."""
     try:

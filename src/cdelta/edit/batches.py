@@ -50,25 +50,35 @@ def build_reply_batch(tokenizer, prompts: list[str], replies: list[str], max_rep
 
 
 def reply_logits(model: torch.nn.Module, batch: ReplyBatch) -> torch.Tensor:
-    """Logits [batch, seq, vocab] of ``model`` on ``batch`` (float32)."""
-    return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.float()
+    """Float32 logits at reply positions only, shape [n_reply_positions, vocab].
+
+    The output head runs only where ``batch.reply_mask`` is set (rows in row-major
+    order), which avoids materializing [batch, seq, vocab] logits.
+    """
+    hidden = model.get_decoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+    logits = model.get_output_embeddings()(hidden[batch.reply_mask]).float()
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    return torch.tanh(logits / cap) * cap if cap else logits
+
+
+def reply_targets(batch: ReplyBatch) -> torch.Tensor:
+    """Token each reply position predicts, shape [n_reply_positions]."""
+    return torch.roll(batch.input_ids, -1, dims=1)[batch.reply_mask]
 
 
 def reply_nll(logits: torch.Tensor, batch: ReplyBatch) -> torch.Tensor:
-    """Mean negative log-likelihood of the reply tokens (scalar)."""
-    targets = batch.input_ids[:, 1:]
-    mask = batch.reply_mask[:, :-1]
-    logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    return -(logp * mask).sum() / mask.sum()
+    """Mean negative log-likelihood of the reply tokens (scalar); ``logits`` from ``reply_logits``."""
+    return torch.nn.functional.cross_entropy(logits, reply_targets(batch))
 
 
 def reply_kl(logits: torch.Tensor, ref_logprobs: torch.Tensor, batch: ReplyBatch, first_weight: float) -> torch.Tensor:
     """KL(reference ‖ model) over reply positions, the first reply position weighted by ``first_weight``.
 
-    ``ref_logprobs``: [batch, seq, vocab] reference log-probabilities on the same batch.
+    ``ref_logprobs``: [n_reply_positions, vocab] reference log-probabilities on the same batch.
     """
     logp = torch.log_softmax(logits, -1)
-    kl = (ref_logprobs.exp() * (ref_logprobs - logp)).sum(-1)  # [batch, seq]
-    weights = batch.reply_mask.float()
-    weights[torch.arange(len(weights)), batch.first_reply] = first_weight
+    kl = (ref_logprobs.exp() * (ref_logprobs - logp)).sum(-1)
+    is_first = torch.zeros_like(batch.reply_mask)
+    is_first[torch.arange(len(is_first)), batch.first_reply] = True
+    weights = torch.where(is_first[batch.reply_mask], first_weight, 1.0)
     return (kl * weights).sum() / weights.sum()

@@ -55,6 +55,14 @@ class Architecture:
         """Name of ``{gate,up,down}_proj.weight`` in ``layer``."""
         return f"{self.layer_prefix(layer)}.mlp.{proj}_proj.weight"
 
+    def attn_bias_param(self, layer: int, proj: str) -> str:
+        """Name of ``{q,k,v,o}_proj.bias`` in ``layer`` (exists only for some families, e.g. qwen2 q/k/v)."""
+        return f"{self.layer_prefix(layer)}.self_attn.{proj}_proj.bias"
+
+    def mlp_bias_param(self, layer: int, proj: str) -> str:
+        """Name of ``{gate,up,down}_proj.bias`` in ``layer`` (absent in the supported families)."""
+        return f"{self.layer_prefix(layer)}.mlp.{proj}_proj.bias"
+
 
 def _text_config(config):
     """The text sub-config for multimodal wrappers (gemma3), else the config itself."""
@@ -101,3 +109,12 @@ def attention(model: torch.nn.Module, layer: int) -> torch.nn.Module:
 def mlp(model: torch.nn.Module, layer: int) -> torch.nn.Module:
     """MLP module of ``layer`` (has gate/up/down_proj)."""
     return decoder_layers(model)[layer].mlp
+
+
+def head_output_proj(model: torch.nn.Module, layer: int) -> torch.nn.Module:
+    """``o_proj`` of ``layer``: its input is the concatenation of the per-head outputs.
+
+    Input shape ``[batch, seq, n_heads * head_dim]``; head ``h`` owns the slice
+    ``[h * head_dim, (h + 1) * head_dim)`` of the last dimension.
+    """
+    return attention(model, layer).o_proj
