@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from cdelta.edit.truncated import decoder_from
 from cdelta.models.chat import format_chat
 
 
@@ -49,13 +50,17 @@ def build_reply_batch(tokenizer, prompts: list[str], replies: list[str], max_rep
     return ReplyBatch(input_ids, attention, reply_mask, first)
 
 
-def reply_logits(model: torch.nn.Module, batch: ReplyBatch) -> torch.Tensor:
+def reply_logits(model: torch.nn.Module, batch: ReplyBatch, start: tuple[int, torch.Tensor] | None = None) -> torch.Tensor:
     """Float32 logits at reply positions only, shape [n_reply_positions, vocab].
 
     The output head runs only where ``batch.reply_mask`` is set (rows in row-major
-    order), which avoids materializing [batch, seq, vocab] logits.
+    order), which avoids materializing [batch, seq, vocab] logits. ``start`` =
+    (layer, residual [batch, seq, d_model]) runs only the layers from ``layer`` on.
     """
-    hidden = model.get_decoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+    if start is None:
+        hidden = model.get_decoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+    else:
+        hidden = decoder_from(model, start[0], start[1], batch.attention_mask)
     logits = model.get_output_embeddings()(hidden[batch.reply_mask]).float()
     cap = getattr(model.config, "final_logit_softcapping", None)
     return torch.tanh(logits / cap) * cap if cap else logits

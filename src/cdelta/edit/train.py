@@ -15,6 +15,8 @@ import torch
 from rich.progress import Progress
 
 from cdelta.edit.batches import ReplyBatch, build_reply_batch, reply_kl, reply_logits, reply_nll
+from cdelta.edit.truncated import lowest_layer, residual_at
+from cdelta.models.architecture import architecture_of
 
 
 @dataclass
@@ -47,14 +49,30 @@ class EditData:
     retain: list[tuple[str, str]]
 
 
-def _batches(pairs: list[tuple[str, str]], size: int, rng: random.Random):
-    """Endless shuffled mini-batches of (prompts, replies)."""
+def _index_batches(n: int, size: int, rng: random.Random):
+    """Endless shuffled mini-batches of indices into a list of length ``n``."""
     while True:
-        order = list(range(len(pairs)))
+        order = list(range(n))
         rng.shuffle(order)
-        for start in range(0, len(order) - size + 1 if len(order) >= size else 1, size):
-            chosen = [pairs[i] for i in order[start : start + size]]
-            yield [p for p, _ in chosen], [r for _, r in chosen]
+        for start in range(0, max(1, n - size + 1), size):
+            yield order[start : start + size]
+
+
+@torch.no_grad()
+def reference_logprobs(reference: torch.nn.Module, tokenizer, pairs: list[tuple[str, str]], config: TrainConfig) -> list[torch.Tensor]:
+    """Per retain example, the reference's log-probabilities at its reply positions.
+
+    Each entry has shape [n_reply_positions_i, vocab] (bfloat16 to halve memory); the
+    reference never changes during training, so this runs once instead of every step.
+    """
+    device = next(reference.parameters()).device
+    out: list[torch.Tensor] = []
+    for start in range(0, len(pairs), config.retain_batch_size):
+        chunk = pairs[start : start + config.retain_batch_size]
+        batch = build_reply_batch(tokenizer, [p for p, _ in chunk], [r for _, r in chunk], config.max_reply_tokens).to(device)
+        logprobs = torch.log_softmax(reply_logits(reference, batch), -1).to(torch.bfloat16).cpu()
+        out += list(logprobs.split(batch.reply_mask.sum(1).tolist()))
+    return out
 
 
 def masked_finetune(
@@ -87,16 +105,25 @@ def masked_finetune(
     base = {name: p.detach().clone() for name, p in trainable.items()}
     device_masks = {name: masks[name].to(device) for name in trainable}
     optimizer = torch.optim.AdamW(list(trainable.values()), lr=config.lr, weight_decay=0.0)
-    target_iter = _batches(data.target, config.batch_size, rng)
-    retain_iter = _batches(data.retain, config.retain_batch_size, rng) if data.retain else None
+    use_retain = bool(data.retain) and config.retain_weight > 0
+    ref_logprobs = reference_logprobs(reference, tokenizer, data.retain, config) if use_retain else []
+    layer = lowest_layer(list(trainable), architecture_of(student).layers_prefix) or 0
+    target_cache = residual_cache(student, tokenizer, data.target, layer, config)
+    retain_cache = residual_cache(student, tokenizer, data.retain, layer, config) if use_retain else []
+    target_iter = _index_batches(len(data.target), config.batch_size, rng)
+    retain_iter = _index_batches(len(data.retain), config.retain_batch_size, rng) if use_retain else None
     with Progress(transient=True, disable=not progress) as bar:
         task = bar.add_task(description, total=config.steps)
         for _ in range(config.steps):
-            prompts, replies = next(target_iter)
-            batch = build_reply_batch(tokenizer, prompts, replies, config.max_reply_tokens).to(device)
-            loss = reply_nll(reply_logits(student, batch), batch)
-            if retain_iter is not None and config.retain_weight > 0:
-                loss = loss + config.retain_weight * _retain_loss(student, reference, tokenizer, next(retain_iter), config, device)
+            index = next(target_iter)
+            batch = _batch(tokenizer, [data.target[i] for i in index], config, device)
+            loss = reply_nll(reply_logits(student, batch, _start(layer, target_cache, index, batch)), batch)
+            if retain_iter is not None:
+                index = next(retain_iter)
+                batch = _batch(tokenizer, [data.retain[i] for i in index], config, device)
+                ref = torch.cat([ref_logprobs[i] for i in index]).to(device).float()
+                logits = reply_logits(student, batch, _start(layer, retain_cache, index, batch))
+                loss = loss + config.retain_weight * reply_kl(logits, ref, batch, config.first_token_weight)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             for name, param in trainable.items():
@@ -106,10 +133,30 @@ def masked_finetune(
     return {name: ((p.detach() - base[name]) * device_masks[name]).float().cpu() for name, p in trainable.items()}
 
 
-def _retain_loss(student, reference, tokenizer, pair_batch, config: TrainConfig, device) -> torch.Tensor:
-    """KL(base ‖ student) on retain prompts with the base's own replies."""
-    prompts, replies = pair_batch
-    batch: ReplyBatch = build_reply_batch(tokenizer, prompts, replies, config.max_reply_tokens).to(device)
-    with torch.no_grad():
-        ref_logprobs = torch.log_softmax(reply_logits(reference, batch), -1)
-    return reply_kl(reply_logits(student, batch), ref_logprobs, batch, config.first_token_weight)
+def _batch(tokenizer, pairs: list[tuple[str, str]], config: TrainConfig, device) -> ReplyBatch:
+    return build_reply_batch(tokenizer, [p for p, _ in pairs], [r for _, r in pairs], config.max_reply_tokens).to(device)
+
+
+@torch.no_grad()
+def residual_cache(model, tokenizer, pairs: list[tuple[str, str]], layer: int, config: TrainConfig) -> list[torch.Tensor]:
+    """Per example, the residual stream [seq_i, d_model] entering ``layer`` (empty when layer is 0)."""
+    if layer == 0:
+        return []
+    device = next(model.parameters()).device
+    out: list[torch.Tensor] = []
+    for start in range(0, len(pairs), config.retain_batch_size):
+        batch = _batch(tokenizer, pairs[start : start + config.retain_batch_size], config, device)
+        residual = residual_at(model, layer, batch.input_ids, batch.attention_mask)
+        out += [row[: int(n)] for row, n in zip(residual, batch.attention_mask.sum(1))]
+    return out
+
+
+def _start(layer: int, cache: list[torch.Tensor], index: list[int], batch: ReplyBatch) -> tuple[int, torch.Tensor] | None:
+    """(layer, right-padded cached residual [batch, seq, d_model]) for ``reply_logits``, or None."""
+    if layer == 0:
+        return None
+    rows = [cache[i] for i in index]
+    residual = rows[0].new_zeros(len(rows), batch.input_ids.shape[1], rows[0].shape[-1])
+    for i, row in enumerate(rows):
+        residual[i, : len(row)] = row
+    return layer, residual

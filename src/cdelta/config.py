@@ -1,0 +1,88 @@
+"""Run configuration: one pydantic model whose fields mirror the ``cdelta run`` flags.
+
+A TOML file (``--config run.toml``) supplies any subset of the fields; flags given on
+the command line override it. ``config.default.toml`` in the package lists them all.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from cdelta.errors import CdeltaError
+
+
+class RunConfig(BaseModel):
+    """Everything that determines a ``cdelta run``; its fingerprint keys the resumable stages."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field("smollm2-135m", description="Bundled model name, local HF directory, or hub id.")
+    category: list[str] = Field(["cybercrime"], description="Target harm categories (several: one composed edit).")
+    direction: Literal["refuse"] = Field("refuse", description="refuse: make the model refuse the category.")
+    seed: int = Field(0, description="Random seed for splits, sampling, training and controls.")
+    device: str = Field("cpu", description="auto, cpu, cuda or mps.")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    trust_remote_code: bool = False
+    # localize
+    n_pairs: int = Field(32, ge=2, description="Clean/corrupted prompt pairs for EAP-IG.")
+    method: Literal["eap-ig", "eap"] = "eap-ig"
+    ig_steps: int = Field(5, ge=1, description="Integration steps of EAP-IG.")
+    contrast: Literal["harmful", "harmless"] = Field("harmful", description="Corrupted prompts: other harmful categories or harmless.")
+    circuit: str = Field("params:0.02", description="Circuit selection: top_k:N, top_frac:F, threshold:S or params:F.")
+    # edit
+    variant: Literal["direct", "contrastive"] = Field("direct", description="direct: one masked fine-tune; contrastive: k·M⊙(θ_pos − θ_neg).")
+    steps: int = Field(60, ge=1, description="Optimizer steps of each masked fine-tune.")
+    lr: float = Field(1e-4, gt=0)
+    batch_size: int = Field(8, ge=1)
+    retain_weight: float = Field(1.0, ge=0, description="Weight of the KL-to-base retain loss.")
+    first_token_weight: float = Field(10.0, ge=0, description="Weight of the first reply token inside the retain KL.")
+    retain_harmless: int = Field(64, ge=0)
+    retain_lookalike: int = Field(48, ge=0)
+    retain_other: int = Field(12, ge=0, description="Retain prompts per other harmful category.")
+    k: float | None = Field(None, description="Scale of ΔθC; None chooses it on the validation split from k_grid.")
+    k_grid: list[float] = [0.5, 1.0, 1.5]
+    controls: list[Literal["random", "full"]] = Field([], description="Also edit an equal-size random circuit and/or all parameters.")
+    # eval
+    judge: str = "classifier"
+    max_new_tokens: int = Field(32, ge=1)
+    eval_batch_size: int = Field(32, ge=1)
+    mmlu_n: int = Field(100, ge=0)
+    eval_prompts: list[str] = Field(["builtin"], description="Prompt sets for the before/after evaluation.")
+    eval_limit: int | None = Field(None, ge=1, description="Evaluate at most this many prompts per category (None: all).")
+    faithfulness: bool = Field(True, description="Measure the circuit's faithfulness curve during localize.")
+
+    @field_validator("category")
+    @classmethod
+    def _known_categories(cls, value: list[str]) -> list[str]:
+        from cdelta.data.prompts import HARM_CATEGORIES
+
+        unknown = [c for c in value if c not in HARM_CATEGORIES]
+        if unknown or not value:
+            raise ValueError(f"unknown category {unknown}; use one or more of {', '.join(HARM_CATEGORIES)}")
+        return value
+
+
+def load_config_file(path: Path) -> dict:
+    """Parse a TOML config file into a dict of RunConfig fields (validated later)."""
+    try:
+        data = tomllib.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise CdeltaError(f"config file {path} not found", "check the path given to --config") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise CdeltaError(f"config file {path} is not valid TOML ({exc})", "fix the syntax; see config.default.toml") from None
+    return data.get("run", data)
+
+
+def make_config(file_values: dict, overrides: dict) -> RunConfig:
+    """RunConfig from file values overridden by command-line values (None = not given)."""
+    merged = {**file_values, **{k: v for k, v in overrides.items() if v is not None}}
+    try:
+        return RunConfig(**merged)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "config"
+        raise CdeltaError(f"invalid setting {where}: {first['msg']}", "see config.default.toml or cdelta run --help") from None

@@ -1,0 +1,38 @@
+"""Training data for the edit: refusal replies for the target, base replies to retain."""
+
+from __future__ import annotations
+
+import random
+
+from cdelta.data.builtin import refusal_replies
+from cdelta.data.prompts import HARMLESS, LOOKALIKE, PromptSet
+from cdelta.generation import generate
+
+
+def refusal_pairs(prompts: PromptSet, category: str, seed: int = 0) -> list[tuple[str, str]]:
+    """(prompt, refusal reply) pairs; replies drawn deterministically from the category's and generic refusals."""
+    replies = refusal_replies()
+    pool = list(replies.get(category, [])) + list(replies["generic"])
+    rng = random.Random(f"{seed}:{category}")
+    return [(p.text, rng.choice(pool)) for p in prompts]
+
+
+def retain_prompts(prompts: PromptSet, targets: list[str], per_kind: dict[str, int], seed: int = 0) -> PromptSet:
+    """Train-split prompts the edit must leave alone.
+
+    ``per_kind`` caps how many are drawn: keys ``harmless``, ``lookalike`` and
+    ``other`` (per other harmful category). Categories in ``targets`` are excluded.
+    """
+    train = prompts.filter(split="train")
+    chosen = train.filter(kind=HARMLESS).sample(per_kind.get(HARMLESS, 0), seed).prompts
+    chosen += train.filter(kind=LOOKALIKE).sample(per_kind.get(LOOKALIKE, 0), seed).prompts
+    others = train.filter(kind="harmful", exclude_category=targets)
+    for category in others.categories():
+        chosen += others.filter(category=category).sample(per_kind.get("other", 0), seed).prompts
+    return PromptSet(f"{prompts.name}:retain", chosen)
+
+
+def own_reply_pairs(model, tokenizer, prompts: PromptSet, max_new_tokens: int = 24, progress: bool = True) -> list[tuple[str, str]]:
+    """(prompt, the model's own greedy reply) pairs."""
+    replies = generate(model, tokenizer, prompts.texts(), max_new_tokens, batch_size=32, progress=progress, description="base replies")
+    return list(zip(prompts.texts(), replies))

@@ -1,0 +1,48 @@
+"""Resumable pipeline stages: an artifact is reused when its inputs and config are unchanged."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+from cdelta.io import atomic_write_json
+
+T = TypeVar("T")
+
+
+def fingerprint(obj) -> str:
+    """sha256 of a JSON-able object (keys sorted), the identity of a stage's inputs."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of one artifact file, to chain stage keys."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def run_stage(
+    run_dir: Path,
+    name: str,
+    key: dict,
+    outputs: list[str],
+    compute: Callable[[], T],
+    load: Callable[[], T],
+    log: Callable[[str], None] = lambda message: None,
+) -> T:
+    """Run ``compute`` (which writes ``outputs`` under ``run_dir``) unless a previous run
+    with the same ``key`` left them all; then return ``load()`` instead.
+
+    The stage record is written only after ``compute`` succeeds, so an interrupted
+    stage is recomputed next time.
+    """
+    record = run_dir / ".stages" / f"{name}.json"
+    digest = fingerprint(key)
+    if record.is_file() and json.loads(record.read_text()).get("key") == digest and all((run_dir / o).exists() for o in outputs):
+        log(f"{name}: reusing {', '.join(outputs)} (inputs unchanged)")
+        return load()
+    result = compute()
+    atomic_write_json(record, {"key": digest, "inputs": key, "outputs": outputs})
+    return result
