@@ -1,0 +1,284 @@
+"""The localization pipeline behind ``cdelta localize``.
+
+``localize`` pairs ``n_pairs`` train-split prompts of the target category (clean) with
+contrast prompts (corrupted), scores every node (default EAP-IG, 5 steps, refusal
+log-odds), selects a circuit, and — unless ``faithfulness=False`` — measures the
+faithfulness curve against ``n_random`` random circuits and a shuffled-label control.
+Everything is deterministic given ``seed`` (prompt sampling is by seeded hash, pair
+order and shuffles by ``random.Random(seed)``).
+
+Defaults and why: activations are patched only on the chat template's closing tokens
+(``n_positions="suffix"``; identical tokens in clean and corrupted runs, ~6 positions),
+which on SmolLM2-135M was both ~3x faster and more faithful than patching every aligned
+position; the circuit is the best-ranked nodes (by ``|score|``) that fit into 5% of the
+parameters (``selection="params:0.05"``). A warning is recorded (``warnings`` and
+``circuit.json``) when the metric gap between the two prompt pools is within two
+standard errors of zero: then there is nothing to localize and scores are noise.
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cdelta import __version__
+from cdelta.circuits import attribution as attr_mod
+from cdelta.circuits import faithfulness as faith_mod
+from cdelta.circuits.attribution import AttributionResult, attribute
+from cdelta.circuits.circuit import Circuit
+from cdelta.circuits.metric import get_metric
+from cdelta.circuits.plots import plot_faithfulness, plot_heatmap
+from cdelta.data.prompts import Prompt, PromptSet
+from cdelta.errors import CdeltaError
+from cdelta.io import atomic_write_json
+from cdelta.models.architecture import architecture_of
+from cdelta.models.loading import LoadedModel
+
+CONTRASTS = ("harmful", "harmless")
+"""Named contrast pools; any other category present in the prompts also works."""
+
+DEFAULT_SELECTION = "params:0.05"
+"""Default circuit: the best-ranked nodes that fit into 5% of the model's parameters."""
+
+
+@dataclass
+class LocalizeResult:
+    """What ``localize`` produced.
+
+    ``circuit``: all node scores plus the selected nodes (``selection``), with provenance.
+    ``faithfulness``: the curve dict of ``faithfulness_curve`` (None if skipped).
+    ``pairs``: (clean prompt id, corrupted prompt id). ``files``: written paths by kind.
+    """
+
+    circuit: Circuit
+    attribution: AttributionResult
+    faithfulness: dict | None
+    shuffled: AttributionResult | None
+    pairs: list[tuple[str, str]]
+    n_params: int
+    param_fraction: float
+    seconds: dict[str, float] = field(default_factory=dict)
+    files: dict[str, Path] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+
+def harm_categories(prompts: PromptSet) -> list[str]:
+    """Categories of the harmful prompts in ``prompts``, in first-seen order."""
+    return prompts.filter(kind="harmful").categories()
+
+
+def make_pairs(
+    prompts: PromptSet, category: str, contrast: str = "harmful", n_pairs: int = 32, seed: int = 0, split: str = "train"
+) -> tuple[list[Prompt], list[Prompt], list[str]]:
+    """``(clean, corrupted, warnings)``: ``n`` paired prompts of ``split``.
+
+    clean = ``category``; corrupted = other harmful categories (``harmful``), harmless
+    prompts (``harmless``), or one named category. Both are sampled with
+    ``PromptSet.sample`` (seeded hash) and put in a seeded random order, so the pairing is
+    deterministic and the contrast categories are mixed.
+    """
+    cats = harm_categories(prompts)
+    if category not in cats:
+        raise CdeltaError(f"unknown category '{category}'", f"use one of: {', '.join(cats) or '(no harmful prompts loaded)'}")
+    if contrast == "harmful":
+        pool = prompts.filter(kind="harmful", split=split, exclude_category=category)
+    elif contrast == category:
+        raise CdeltaError("contrast must differ from the target category", "use --contrast harmful or harmless")
+    elif contrast in prompts.categories():
+        pool = prompts.filter(category=contrast, split=split)
+    else:
+        options = ", ".join([*CONTRASTS, *[c for c in prompts.categories() if c not in CONTRASTS and c != category]])
+        raise CdeltaError(f"unknown contrast '{contrast}'", f"use one of: {options}")
+    target = prompts.filter(category=category, split=split)
+    n = min(n_pairs, len(target), len(pool))
+    warnings = []
+    if n < 2:
+        raise CdeltaError(
+            f"only {len(target)} '{category}' and {len(pool)} '{contrast}' prompts in the {split} split",
+            "add prompts or use another split",
+        )
+    if n < n_pairs:
+        warnings.append(f"only {n} pairs available in the {split} split (asked for {n_pairs})")
+    rng = random.Random(seed)
+    clean = list(target.sample(n, seed))
+    corrupt = list(pool.sample(n, seed))
+    rng.shuffle(clean)
+    rng.shuffle(corrupt)
+    return clean, corrupt, warnings
+
+
+def shuffled_pairs(clean: list[str], corrupt: list[str], seed: int) -> tuple[list[str], list[str]]:
+    """Null control: pool both sides, shuffle (seeded), split back into two equal halves."""
+    pool = list(clean) + list(corrupt)
+    random.Random(f"shuffle:{seed}").shuffle(pool)
+    return pool[: len(clean)], pool[len(clean) :]
+
+
+class _Bars:
+    """Progress bars (rich, on stderr) or no-ops."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.progress = None
+
+    @contextmanager
+    def running(self):
+        if not self.enabled:
+            yield self
+            return
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        with Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
+            console=Console(file=sys.stderr),
+        ) as progress:
+            self.progress = progress
+            yield self
+        self.progress = None
+
+    def task(self, description: str, total: int):
+        if self.progress is None:
+            return None
+        task_id = self.progress.add_task(description, total=total)
+        return lambda: self.progress.advance(task_id)
+
+
+def localize(
+    lm: LoadedModel,
+    category: str,
+    prompts: PromptSet,
+    contrast: str = "harmful",
+    n_pairs: int = 32,
+    method: str = "eap-ig",
+    steps: int = 5,
+    metric: str = "logodds",
+    batch_size: int = 8,
+    seed: int = 0,
+    out_dir: Path | None = None,
+    progress: bool = True,
+    faithfulness: bool = True,
+    *,
+    selection: str | dict = DEFAULT_SELECTION,
+    n_positions: int | str | None = "suffix",
+    n_random: int = 5,
+    fractions: tuple[float, ...] = faith_mod.DEFAULT_FRACTIONS,
+    ablation: str = "patch",
+    by: str = "abs",
+    split: str = "train",
+    edges: bool = False,
+) -> LocalizeResult:
+    """Find the circuit carrying ``lm``'s refusal of ``category`` (see module docstring).
+
+    Writes ``circuit.json``, ``heatmap.png`` and (with faithfulness) ``faithfulness.json``
+    and ``faithfulness.png`` into ``out_dir`` when given. ``selection``: ``top_k:N``,
+    ``top_frac:F``, ``threshold:S`` or ``params:F`` (fraction of model parameters).
+    Raises ``CdeltaError`` for an unknown category, contrast, method or metric.
+    """
+    if method not in attr_mod.METHODS:
+        raise CdeltaError(f"unknown attribution method '{method}'", f"use one of: {', '.join(attr_mod.METHODS)}")
+    if edges:
+        raise CdeltaError("edge-level attribution (edges=True) is not implemented yet", "use node-level attribution (edges=False)")
+    get_metric(metric, lm.tokenizer)  # validate early
+    model, tok = lm.model, lm.tokenizer
+    arch = architecture_of(model)
+    clean_p, corrupt_p, warnings = make_pairs(prompts, category, contrast, n_pairs, seed, split)
+    clean, corrupt = [p.text for p in clean_p], [p.text for p in corrupt_p]
+    n = len(clean)
+    seconds: dict[str, float] = {}
+    bars = _Bars(progress)
+    start = time.perf_counter()
+    shuffled = None
+    curve = None
+    with bars.running():
+        t = time.perf_counter()
+        result = attribute(
+            model, tok, clean, corrupt, method=method, steps=steps, metric=metric, batch_size=batch_size,
+            n_positions=n_positions, on_pass=bars.task(f"{method} attribution", attr_mod.count_passes(method, arch, n, batch_size, steps)),
+        )
+        seconds["attribution"] = time.perf_counter() - t
+        if faithfulness:
+            t = time.perf_counter()
+            s_clean, s_corrupt = shuffled_pairs(clean, corrupt, seed)
+            shuffled = attribute(
+                model, tok, s_clean, s_corrupt, method=method, steps=steps, metric=metric, batch_size=batch_size,
+                n_positions=n_positions, on_pass=bars.task("shuffled-label control", attr_mod.count_passes(method, arch, n, batch_size, steps)),
+            )
+            seconds["shuffled_attribution"] = time.perf_counter() - t
+            t = time.perf_counter()
+            sizes = faith_mod.circuit_sizes(arch.n_layers * (arch.n_heads + 1), fractions)
+            curve = faith_mod.faithfulness_curve(
+                model, tok, clean, corrupt, result.scores, shuffled_scores=shuffled.scores, fractions=fractions,
+                n_random=n_random, seed=seed, by=by, ablation=ablation, metric=metric, batch_size=batch_size,
+                n_positions=n_positions,
+                on_pass=bars.task("faithfulness", faith_mod.count_passes(n, batch_size, len(set(sizes)), n_random, True, ablation)),
+            )
+            seconds["faithfulness"] = time.perf_counter() - t
+    per_pair_gap = result.m_clean - result.m_corrupt
+    gap, gap_se = float(per_pair_gap.mean()), float(per_pair_gap.std() / n**0.5)
+    if not abs(gap) > 2 * gap_se:
+        warnings.append(
+            f"the refusal metric barely differs between '{category}' and '{contrast}' prompts "
+            f"(gap {gap:.3f} ± {gap_se:.3f} SE over {n} pairs): the scores and faithfulness ratios are dominated by noise"
+        )
+    meta = dict(
+        model=lm.name,
+        weights_sha256=lm.weights_sha256,
+        category=category,
+        contrast=contrast,
+        split=split,
+        method=method,
+        steps=result.steps,
+        metric=result.metric,
+        seed=seed,
+        n_pairs=n,
+        n_positions=n_positions,
+        batch_size=batch_size,
+        pairs=[[c.id, k.id] for c, k in zip(clean_p, corrupt_p)],
+        m_clean=float(result.m_clean.mean()),
+        m_corrupt=float(result.m_corrupt.mean()),
+        metric_gap=gap,
+        metric_gap_se=gap_se,
+        cdelta_version=__version__,
+    )
+    circuit = Circuit.from_scores(arch, result.node_scores(), **meta).select_spec(selection, model=model, by=by)
+    if curve is not None:
+        circuit.meta["faithfulness_summary"] = {
+            "fractions": curve["fractions"], "circuit": curve["circuit"]["recovered"],
+            "random_mean": curve["random"]["mean"], "random_sd": curve["random"]["sd"],
+            "shuffled": curve["shuffled"]["recovered"] if curve["shuffled"] else None,
+        }
+    seconds["total"] = time.perf_counter() - start
+    circuit.meta["warnings"] = list(warnings)
+    circuit.meta["seconds"] = {k: round(v, 2) for k, v in seconds.items()}
+    files: dict[str, Path] = {}
+    if out_dir is not None:
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        files["circuit"] = circuit.to_json(out_dir / "circuit.json")
+        files["heatmap"] = plot_heatmap(
+            result.scores, out_dir / "heatmap.png", selected=circuit.mask_matrix(),
+            title=f"{lm.name}: {category} vs {contrast} ({method}, {result.steps} steps, {n} pairs)",
+        )
+        if curve is not None:
+            faith_json = dict(curve, category=category, contrast=contrast, method=method, steps=result.steps, seed=seed, model=lm.name,
+                              weights_sha256=lm.weights_sha256, cdelta_version=__version__)
+            files["faithfulness"] = out_dir / "faithfulness.json"
+            atomic_write_json(files["faithfulness"], faith_json)
+            files["faithfulness_plot"] = plot_faithfulness(curve, out_dir / "faithfulness.png", title=f"{lm.name}: {category} vs {contrast}")
+    return LocalizeResult(
+        circuit=circuit,
+        attribution=result,
+        faithfulness=curve,
+        shuffled=shuffled,
+        pairs=[(c.id, k.id) for c, k in zip(clean_p, corrupt_p)],
+        n_params=int(circuit.meta["n_params"]),
+        param_fraction=float(circuit.meta["param_fraction"]),
+        seconds=seconds,
+        files=files,
+        warnings=warnings,
+    )
