@@ -33,12 +33,44 @@ SeedOpt = Annotated[int, typer.Option(help="Random seed (recorded in every outpu
 TrustOpt = Annotated[bool, typer.Option("--trust-remote-code", help="Allow model repos to run their own code.")]
 
 
+@app.callback()
+def _options(
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only errors and the final summary.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Also show library warnings and details.")] = False,
+) -> None:
+    """Global options."""
+    from cdelta import ui
+
+    ui.configure(quiet=quiet, verbose=verbose)
+
+
+def _run_logger(log_path: Path):
+    """Log to the console (unless --quiet) and always append to ``log_path`` with a timestamp."""
+    from datetime import datetime
+
+    from cdelta import ui
+
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+
+    def log(message: str) -> None:
+        with open(log_path, "a", encoding="utf-8") as handle:
+            handle.write(f"{datetime.now().isoformat(timespec='seconds')} {message}\n")
+        if not ui.is_quiet():
+            console.print(f"[dim]{message}[/]", highlight=False)
+
+    return log
+
+
 def _quiet_libraries() -> None:
     """Silence library progress bars and warnings so our own output stays readable."""
     import warnings
 
     from transformers.utils import logging as hf_logging
 
+    from cdelta import ui
+
+    if ui.is_verbose():
+        return
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     warnings.filterwarnings("ignore")
@@ -231,7 +263,9 @@ def run_cmd(
         dtype=dtype, trust_remote_code=trust_remote_code,
     )
     cfg = make_config(load_config_file(config) if config else {}, overrides)
-    results = run_pipeline(cfg, out_dir, log=lambda message: console.print(f"[dim]{message}[/]"))
+    log = _run_logger(out_dir / "run.log")
+    log(f"cdelta run: {cfg.model_dump_json()}")
+    results = run_pipeline(cfg, out_dir, log=log)
     _print_before_after(results)
     out.print(f"wrote {out_dir}/results.json, {out_dir}/checkpoint/, {out_dir}/delta.safetensors")
 

@@ -31,7 +31,9 @@ class RunConfig(BaseModel):
     n_pairs: int = Field(32, ge=2, description="Clean/corrupted prompt pairs for EAP-IG.")
     method: Literal["eap-ig", "eap"] = "eap-ig"
     ig_steps: int = Field(5, ge=1, description="Integration steps of EAP-IG.")
-    contrast: Literal["harmful", "harmless"] = Field("harmful", description="Corrupted prompts: other harmful categories or harmless.")
+    contrast: Literal["auto", "harmful", "harmless"] = Field(
+        "auto", description="Corrupted prompts: other harmful categories, harmless, or auto (harmful when the base's refusal separates them, else harmless)."
+    )
     circuit: str = Field("params:0.02", description="Circuit selection: top_k:N, top_frac:F, threshold:S or params:F.")
     # edit
     variant: Literal["direct", "contrastive"] = Field("direct", description="direct: one masked fine-tune; contrastive: k·M⊙(θ_pos − θ_neg).")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from rich.progress import Progress
+from cdelta.ui import progress_bar
 
 from cdelta.models.chat import encode_chat
 
@@ -25,7 +25,7 @@ def generate(
     device = next(model.parameters()).device
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     completions: list[str] = [""] * len(prompts)
-    with Progress(transient=True, disable=not progress) as bar:
+    with progress_bar(progress) as bar:
         task = bar.add_task(description, total=len(prompts))
         for start in range(0, len(order), batch_size):
             index = order[start : start + batch_size]

@@ -97,7 +97,7 @@ def _train_delta(lm: LoadedModel, masks, data: EditData, cfg: RunConfig, contras
 def run_pipeline(cfg: RunConfig, run_dir: Path, log: Log = print) -> dict:
     """Run (or resume) the whole job; returns the results written to ``results.json``."""
     from cdelta.circuits.circuit import Circuit
-    from cdelta.circuits.localize import localize
+    from cdelta.circuits.localize import choose_contrast, localize
     from cdelta.judge import get_judge
 
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -112,14 +112,19 @@ def run_pipeline(cfg: RunConfig, run_dir: Path, log: Log = print) -> dict:
 
     # 1. localize: one circuit per target category, united
     clock = time.perf_counter()
-    circuits = []
+    circuits, contrasts = [], {}
     for category in cfg.category:
         sub = run_dir / "localize" / category
-        key = {**base_key, "category": category, **cfg.model_dump(include={"n_pairs", "method", "ig_steps", "contrast", "circuit", "faithfulness"})}
+        contrast = cfg.contrast
+        if contrast == "auto":
+            contrast, contrasts[category] = choose_contrast(lm, prompts, category, cfg.n_pairs, cfg.seed)
+            log(f"{category}: contrast {contrast} (refusal gap to other harmful categories "
+                f"{contrasts[category]['harmful_gap']:.3f} ± {contrasts[category]['harmful_gap_se']:.3f} SE)")
+        key = {**base_key, "category": category, "contrast": contrast, **cfg.model_dump(include={"n_pairs", "method", "ig_steps", "circuit", "faithfulness"})}
         circuits.append(
             run_stage(
                 run_dir, f"localize-{category}", key, [f"localize/{category}/circuit.json"],
-                lambda: localize(lm, category, prompts, contrast=cfg.contrast, n_pairs=cfg.n_pairs, method=cfg.method,
+                lambda: localize(lm, category, prompts, contrast=contrast, n_pairs=cfg.n_pairs, method=cfg.method,
                                  steps=cfg.ig_steps, seed=cfg.seed, out_dir=sub, selection=cfg.circuit,
                                  faithfulness=cfg.faithfulness).circuit,
                 lambda: Circuit.from_json(sub / "circuit.json"), log,
@@ -214,6 +219,7 @@ def run_pipeline(cfg: RunConfig, run_dir: Path, log: Log = print) -> dict:
         "meta": provenance(cfg.seed, cfg.model, lm.weights_sha256, config=cfg.model_dump(), timings=timings),
         "edit": {k_: v for k_, v in manifest.items() if k_ != "shapes"},
         "k_selection": k_info,
+        "contrast": contrasts,
         "base": base_results,
         "edited": edited_results,
         "controls": controls,

@@ -19,11 +19,12 @@ standard errors of zero: then there is nothing to localize and scores are noise.
 from __future__ import annotations
 
 import random
-import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import torch
 
 from cdelta import __version__
 from cdelta.circuits import attribution as attr_mod
@@ -35,6 +36,7 @@ from cdelta.circuits.plots import plot_faithfulness, plot_heatmap
 from cdelta.data.prompts import Prompt, PromptSet
 from cdelta.errors import CdeltaError
 from cdelta.io import atomic_write_json
+from cdelta.ui import progress_bar
 from cdelta.models.architecture import architecture_of
 from cdelta.models.loading import LoadedModel
 
@@ -127,17 +129,8 @@ class _Bars:
 
     @contextmanager
     def running(self):
-        if not self.enabled:
-            yield self
-            return
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-        with Progress(
-            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
-            console=Console(file=sys.stderr),
-        ) as progress:
-            self.progress = progress
+        with progress_bar(self.enabled) as progress:
+            self.progress = progress if self.enabled else None
             yield self
         self.progress = None
 
@@ -282,3 +275,28 @@ def localize(
         files=files,
         warnings=warnings,
     )
+
+
+@torch.no_grad()
+def refusal_gap(lm: LoadedModel, prompts: PromptSet, category: str, contrast: str, n_pairs: int = 32, seed: int = 0,
+                metric: str = "logodds", batch_size: int = 8) -> tuple[float, float]:
+    """Mean and standard error of metric(clean) − metric(corrupted) over the localize pairs (forward passes only)."""
+    clean, corrupt, _ = make_pairs(prompts, category, contrast, n_pairs, seed)
+    scorer = get_metric(metric, lm.tokenizer)
+    values = []
+    for group in (clean, corrupt):
+        rows = []
+        for start in range(0, len(group), batch_size):
+            encoded = scorer.encode(lm.tokenizer, [p.text for p in group[start : start + batch_size]]).to(lm.device)
+            rows.append(scorer(lm.model(input_ids=encoded.input_ids, attention_mask=encoded.attention_mask).logits, encoded).cpu())
+        values.append(torch.cat(rows))
+    gap = values[0] - values[1]
+    return float(gap.mean()), float(gap.std() / len(gap) ** 0.5)
+
+
+def choose_contrast(lm: LoadedModel, prompts: PromptSet, category: str, n_pairs: int = 32, seed: int = 0) -> tuple[str, dict]:
+    """``auto`` contrast: other harmful categories when the model's refusal already separates
+    them from the target (|gap| > 2 SE), else harmless prompts (a model that refuses nothing)."""
+    gap, se = refusal_gap(lm, prompts, category, "harmful", n_pairs, seed)
+    chosen = "harmful" if abs(gap) > 2 * se else "harmless"
+    return chosen, {"harmful_gap": gap, "harmful_gap_se": se, "chosen": chosen}

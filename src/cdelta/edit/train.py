@@ -12,7 +12,7 @@ import random
 from dataclasses import dataclass
 
 import torch
-from rich.progress import Progress
+from cdelta.ui import progress_bar
 
 from cdelta.edit.batches import ReplyBatch, build_reply_batch, reply_kl, reply_logits, reply_nll
 from cdelta.edit.truncated import lowest_layer, residual_at
@@ -112,7 +112,7 @@ def masked_finetune(
     retain_cache = residual_cache(student, tokenizer, data.retain, layer, config) if use_retain else []
     target_iter = _index_batches(len(data.target), config.batch_size, rng)
     retain_iter = _index_batches(len(data.retain), config.retain_batch_size, rng) if use_retain else None
-    with Progress(transient=True, disable=not progress) as bar:
+    with progress_bar(progress) as bar:
         task = bar.add_task(description, total=config.steps)
         for _ in range(config.steps):
             index = next(target_iter)
