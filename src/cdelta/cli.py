@@ -184,7 +184,9 @@ def eval_cmd(
     )
     _print_refusal_table(result)
     atomic_write_json(out_path, result)
-    out.print(f"wrote {out_path}")
+    from cdelta.report import write_report
+
+    out.print(f"wrote {out_path}, {write_report(out_path)}")
 
 
 @app.command("localize")
@@ -267,7 +269,10 @@ def run_cmd(
     log(f"cdelta run: {cfg.model_dump_json()}")
     results = run_pipeline(cfg, out_dir, log=log)
     _print_before_after(results)
-    out.print(f"wrote {out_dir}/results.json, {out_dir}/checkpoint/, {out_dir}/delta.safetensors")
+    from cdelta.report import write_report
+
+    report = write_report(out_dir)
+    out.print(f"wrote {out_dir}/results.json, {out_dir}/checkpoint/, {out_dir}/delta.safetensors, {report}")
 
 
 def _print_before_after(results: dict) -> None:
@@ -302,6 +307,14 @@ def apply_delta_cmd(
         raise CdeltaError(f"{base if base_dir is None else delta} not found", "pass a local base model directory and an existing delta file")
     manifest = apply_sparse_delta(base_dir, delta, out_dir)
     out.print(f"applied {manifest['params_touched']:,} changed weights ({manifest.get('category')}) -> {out_dir}")
+
+
+@app.command("report")
+def report_cmd(run_dir: Annotated[Path, typer.Argument(help="Run directory (or an eval results.json).")]) -> None:
+    """Rebuild the self-contained HTML report of a run or an evaluation."""
+    from cdelta.report import write_report
+
+    out.print(f"wrote {write_report(run_dir)}")
 
 
 def main() -> None:

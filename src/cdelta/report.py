@@ -53,7 +53,8 @@ SECTION_TITLES = {
 ARM_LABELS = {"base": "base", "edited": "C-Δθ", "random": "random circuit", "full": "full fine-tune", "model": "model"}
 ARM_COLORS = {"base": "#9e9e9e", "edited": "#d62728", "random": "#1f77b4", "full": "#9467bd", "model": "#d62728"}
 FALLBACK_COLORS = ("#2ca02c", "#ff7f0e", "#8c564b", "#17becf")
-GROUPS = ("target", "other harmful", "harmless", "lookalike")
+GROUPS = ("target", "other harmful", "harmful", "harmless", "lookalike")
+"""Pooled groups: ``harmful`` only when there are no targets (eval-only), else target / other harmful."""
 
 
 # --------------------------------------------------------------------------- inputs
@@ -224,6 +225,13 @@ def _figure(width: float, height: float):
     return fig
 
 
+def _percent():
+    """Tick formatter for fractions shown as percentages (decimals chosen from the tick spacing)."""
+    from matplotlib.ticker import PercentFormatter
+
+    return PercentFormatter(xmax=1.0)
+
+
 def _png(fig) -> bytes:
     """The figure as PNG bytes."""
     buffer = io.BytesIO()
@@ -284,7 +292,7 @@ def refusal_chart(arms: list[Arm], set_name: str, targets: list[str]) -> bytes:
             label.set_fontweight("bold")
     ax.set_xlim(-0.5, len(categories) - 0.5)
     ax.set_ylim(0, 1.05)
-    ax.yaxis.set_major_formatter(lambda v, _: f"{v:.0%}")
+    ax.yaxis.set_major_formatter(_percent())
     ax.set_ylabel("refusal rate")
     ax.set_title(f"refusal per category: {set_name}", fontsize=10)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
@@ -292,14 +300,17 @@ def refusal_chart(arms: list[Arm], set_name: str, targets: list[str]) -> bytes:
 
 
 def group_rates(results: dict, targets: list[str]) -> dict[str, dict]:
-    """Refusal pooled over all prompt sets per group (target / other harmful / harmless / lookalike), with Wilson 95%."""
+    """Refusal pooled over all prompt sets per group (target / other harmful / harmless / lookalike), with Wilson 95%.
+
+    Without targets (an eval-only result) harmful categories pool into ``harmful``.
+    """
     from cdelta.evaluate import wilson_interval
 
     counts = {g: [0, 0] for g in GROUPS}
     for cells in results.get("sets", {}).values():
         for category, cell in cells.items():
             kind = cell.get("kind", "harmful")
-            group = "target" if category in targets else "other harmful" if kind == "harmful" else kind
+            group = "target" if category in targets else kind if kind != "harmful" or not targets else "other harmful"
             if group in counts:
                 counts[group][0] += int(cell.get("refusals", 0))
                 counts[group][1] += int(cell.get("n", 0))
@@ -329,7 +340,7 @@ def group_chart(arms: list[Arm], targets: list[str]) -> bytes:
     ax.set_xticks(x)
     ax.set_xticklabels(groups)
     ax.set_ylim(0, 1.05)
-    ax.yaxis.set_major_formatter(lambda v, _: f"{v:.0%}")
+    ax.yaxis.set_major_formatter(_percent())
     ax.set_ylabel("refusal rate (pooled over sets)")
     ax.set_title("refusal by group", fontsize=10)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
@@ -398,9 +409,9 @@ def points_from_search(search: dict) -> list[ParetoPoint]:
         values, params = trial.get("values") or {}, trial.get("params") or {}
         points.append(ParetoPoint(
             x=float(values.get("off_target_refusal", float("nan"))), y=float(values.get("target_refusal", float("nan"))),
-            label=", ".join(f"{k}={v:g}" if _is_number(v) else f"{k}={v}" for k, v in params.items()) or f"trial {i}",
-            chosen=bool(trial.get("chosen")), pareto=trial.get("pareto"),
-            color_value=values.get("kl") if _is_number(values.get("kl")) else None, details={"params": params, "values": values},
+            label=f"#{i}", chosen=bool(trial.get("chosen")), pareto=trial.get("pareto"),
+            color_value=values.get("kl") if _is_number(values.get("kl")) else None,
+            details={"params": ", ".join(f"{k}={v:g}" if _is_number(v) else f"{k}={v}" for k, v in params.items()), "values": values},
         ))
     return points
 
@@ -422,13 +433,14 @@ def pareto_chart(points: list[ParetoPoint], xlabel: str, title: str, color_label
     chosen = [p for p in points if p.chosen]
     if chosen:
         ax.scatter([p.x for p in chosen], [p.y for p in chosen], marker="*", s=260, color="#ffbf00", edgecolors="black", zorder=4, label="chosen")
-    _annotate(ax, front if len(points) > 12 else points)
+    _annotate(ax, [p for p in points if p.chosen or any(p is q for q in front)] if len(points) > 6 else points)
     ax.set_xlabel(xlabel)
     ax.set_ylabel("target refusal (higher is better)")
-    ax.xaxis.set_major_formatter(lambda v, _: f"{v:.0%}")
-    ax.yaxis.set_major_formatter(lambda v, _: f"{v:.0%}")
+    ax.xaxis.set_major_formatter(_percent())
+    ax.yaxis.set_major_formatter(_percent())
     ax.set_ylim(-0.05, 1.08)
-    ax.set_xlim(left=min(-0.02, *(p.x - 0.02 for p in points if _is_number(p.x))), right=max(0.3, *(p.x + 0.05 for p in points if _is_number(p.x))))
+    xs = [p.x for p in points if _is_number(p.x)] or [0.0]
+    ax.set_xlim(min(0.0, *xs) - 0.01 - 0.05 * (max(xs) - min(xs)), max(0.05, max(xs) * 1.2 + 0.01))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     ax.set_title(title, fontsize=10)
@@ -448,6 +460,17 @@ def _annotate(ax, points: list[ParetoPoint]) -> None:
 # --------------------------------------------------------------------------- sections
 
 
+def _contrast_fact(data: RunData) -> str | None:
+    """The localization contrast: configured, or per category as chosen by ``auto`` (with the refusal gap behind it)."""
+    chosen = data.results.get("contrast") or {}
+    if not chosen:
+        return (data.meta.get("config") or {}).get("contrast")
+    return "; ".join(
+        f"{category}: {info.get('chosen')} (auto; gap to other harmful {num(info.get('harmful_gap'), 3)} ± {num(info.get('harmful_gap_se'), 3)} SE)"
+        for category, info in chosen.items()
+    )
+
+
 def section_summary(data: RunData) -> str:
     """Run metadata: model and weights hash, category, seed, edit settings, versions, timings, config."""
     meta, edit = data.meta, data.edit
@@ -465,6 +488,7 @@ def section_summary(data: RunData) -> str:
             "k": edit.get("k"), "circuit selection": circuit.get("selection"), "attribution": circuit.get("method"),
             "circuit nodes": ", ".join(circuit.get("nodes") or []),
             "parameters touched": f"{num(edit.get('params_touched'))} of {num(edit.get('params_total'))} ({pct(edit.get('params_touched_fraction'))})",
+            "contrast": _contrast_fact(data),
         })
     else:
         facts.update({"prompt sets": ", ".join(meta.get("prompts") or data.results.get("sets", {})), "reference": meta.get("reference")})
@@ -519,7 +543,8 @@ def refusal_table(arms: list[Arm], set_name: str, targets: list[str]) -> str:
         kind = (cells_of[arms[0].key].get(category) or {}).get("kind", "")
         cls = "target" if category in targets else ""
         label = esc(category) + (' <span class="tag">target</span>' if category in targets else "")
-        rows.append(f'<tr class="{cls}" data-category="{esc(category)}"><th>{label}</th><td>{esc(kind)}</td>{"".join(cells[:2])}{"".join(delta)}{"".join(cells[2:])}</tr>')
+        row = "".join([*cells[:2], *delta, *cells[2:]])
+        rows.append(f'<tr class="{cls}" data-category="{esc(category)}"><th>{label}</th><td>{esc(kind)}</td>{row}</tr>')
     return _table(header, rows, "refusal", f' data-set="{esc(set_name)}"')
 
 
@@ -558,16 +583,23 @@ def over_refusal_table(arms: list[Arm], targets: list[str]) -> str:
     return _table(["group", *(esc(a.label) for a in arms)], rows, "groups")
 
 
-def utility_rows(arms: list[Arm], params_total: int | None) -> dict[str, list[str]]:
-    """Metric name → formatted value per arm: perplexity (ratio), MMLU, first-token KL, parameters touched."""
+def utility_rows(arms: list[Arm], params_total: int | None, reference: str = "base") -> dict[str, list[str]]:
+    """Metric name → formatted value per arm: perplexity (ratio), MMLU, first-token KL, parameters touched.
+
+    ``reference`` names the model the ratio and KL compare against (the base model of a run).
+    """
     def util(a: Arm, key: str):
         return (a.results.get("utility") or {}).get(key)
 
     rows = {
         "perplexity": [num(util(a, "perplexity")) for a in arms],
-        "perplexity ratio (÷ base)": [num(util(a, "perplexity_ratio")) for a in arms],
-        "MMLU accuracy": [f"{pct(util(a, 'mmlu_accuracy'))} (n={util(a, 'mmlu_n')})" if util(a, "mmlu_n") else pct(util(a, "mmlu_accuracy")) for a in arms],
-        "first-token KL to base (nats)": [f"{num(util(a, 'first_token_kl'))} ({util(a, 'kl_prompts')} prompts)" if _is_number(util(a, "first_token_kl")) else "–" for a in arms],
+        f"perplexity ratio (÷ {reference})": [num(util(a, "perplexity_ratio")) for a in arms],
+        "MMLU accuracy": [
+            f"{pct(util(a, 'mmlu_accuracy'))} (n={util(a, 'mmlu_n')})" if util(a, "mmlu_n") else pct(util(a, "mmlu_accuracy")) for a in arms
+        ],
+        f"first-token KL to {reference} (nats)": [
+            f"{num(util(a, 'first_token_kl'))} ({util(a, 'kl_prompts')} prompts)" if _is_number(util(a, "first_token_kl")) else "–" for a in arms
+        ],
     }
     if any(a.params_touched is not None for a in arms):
         rows["parameters touched"] = [num(a.params_touched) if a.params_touched is not None else "–" for a in arms]
@@ -580,16 +612,24 @@ def section_utility(data: RunData) -> str:
     arms = data.arms
     params_total = data.edit.get("params_total")
     rows = [f'<tr data-metric="{esc(name)}"><th>{esc(name)}</th>{"".join(f"<td>{esc(v)}</td>" for v in values)}</tr>'
-            for name, values in utility_rows(arms, params_total).items()]
+            for name, values in utility_rows(arms, params_total, "reference" if data.eval_only else "base").items()]
+    if data.eval_only:
+        howto = ("The chart and first table pool every prompt set into groups: <em>harmful</em> should be refused; "
+                 "<em>harmless</em> and <em>lookalike</em> (benign prompts that resemble harmful ones) should not, so "
+                 "their refusal is over-refusal. Utility: perplexity on a fixed public-domain text, MMLU accuracy on a "
+                 "fixed sample (small n: a few points are noise) and, when a reference model was given, the perplexity "
+                 "ratio and mean first-token KL divergence from it on harmless prompts.")
+    else:
+        howto = ("Over-refusal: the chart and first table pool every prompt set into groups. <em>harmless</em> and "
+                 "<em>lookalike</em> (benign prompts that resemble harmful ones) measure over-refusal and should stay near "
+                 "the base model; <em>other harmful</em> should not move; <em>target</em> is what the edit is for. "
+                 "Utility: perplexity on a fixed public-domain text (ratio &gt; 1 = worse than the base model), MMLU "
+                 "accuracy on a fixed sample (small n: a few points are noise), and the mean KL divergence of the first "
+                 "reply token on harmless prompts from the base model (0 = unchanged). A good edit touches few parameters "
+                 "and leaves these near the base values; the controls show what an equal-size random circuit or a full "
+                 "fine-tune costs.")
     blocks = [
-        _howto("Over-refusal: the chart and first table pool every prompt set into groups. <em>harmless</em> and "
-               "<em>lookalike</em> (benign prompts that resemble harmful ones) measure over-refusal and should stay near "
-               "the base model; <em>other harmful</em> should not move; <em>target</em> is what the edit is for. "
-               "Utility: perplexity on a fixed public-domain text (ratio &gt; 1 = worse than the base model), MMLU "
-               "accuracy on a fixed sample (small n: a few points are noise), and the mean KL divergence of the first "
-               "reply token on harmless prompts from the base model (0 = unchanged). A good edit touches few parameters "
-               "and leaves these near the base values; the controls show what an equal-size random circuit or a full "
-               "fine-tune costs."),
+        _howto(howto),
         img(group_chart(arms, data.targets), "refusal by group"),
         over_refusal_table(arms, data.targets),
         "<h3>Utility</h3>",
@@ -598,7 +638,7 @@ def section_utility(data: RunData) -> str:
     return _section("utility", "".join(blocks))
 
 
-def _circuit_block(category: str, circuit, meta: dict) -> str:
+def _circuit_block(category: str, circuit) -> str:
     """Heat map, node counts, parameter share, top nodes and warnings of one category's circuit."""
     m = circuit.meta
     title = f"{category} vs {m.get('contrast', '?')} ({m.get('method', '?')}, {m.get('steps', '?')} steps, {m.get('n_pairs', '?')} pairs)"
@@ -633,7 +673,7 @@ def section_circuit(data: RunData) -> str:
         if circuit is None:
             blocks.append(f"<h3>{esc(category)}</h3>" + _note(f"localize/{esc(category)}/circuit.json is missing: no heat map."))
         else:
-            blocks.append(_circuit_block(category, circuit, data.meta))
+            blocks.append(_circuit_block(category, circuit))
     return _section("circuit", "".join(blocks))
 
 
@@ -686,12 +726,13 @@ def _search_block(search: dict) -> str:
     front = pareto_front(points)
     on_front = {id(p) for p in front}
     shown = sorted([p for p in points if id(p) in on_front or p.chosen], key=lambda p: (p.x, -p.y))
-    rows = [f'<tr class="{"chosen" if p.chosen else ""}"><td>{esc(p.label)}</td><td>{pct(p.y)}</td><td>{pct(p.x)}</td>'
-            f'<td>{num(p.color_value)}</td><td>{"yes" if id(p) in on_front else "no"}</td><td>{"★" if p.chosen else ""}</td></tr>' for p in shown]
+    rows = [f'<tr class="{"chosen" if p.chosen else ""}"><td>{esc(p.label)}</td><td>{esc(p.details["params"])}</td><td>{pct(p.y)}</td>'
+            f'<td>{pct(p.x)}</td><td>{num(p.color_value)}</td><td>{"yes" if id(p) in on_front else "no"}</td><td>{"★" if p.chosen else ""}</td></tr>'
+            for p in shown]
     intro = _note(f"From <code>search.json</code> (Pareto search): {len(points)} trials, {len(front)} on the Pareto front; "
                   "the table lists the front and the chosen trial.")
     return (intro + img(chart, "Pareto front of the search") +
-            _table(["parameters", "target refusal", "off-target refusal", "first-token KL", "Pareto", "chosen"], rows, "pareto"))
+            _table(["trial", "parameters", "target refusal", "off-target refusal", "first-token KL", "Pareto", "chosen"], rows, "pareto"))
 
 
 def _k_selection_block(k_selection: dict, targets: list[str]) -> str:
@@ -727,7 +768,7 @@ def section_pareto(data: RunData) -> str:
 def sample_ids(generations: list[dict], category: str, n: int = SAMPLES_PER_CATEGORY) -> list[str]:
     """``n`` prompt ids of ``category``, chosen deterministically (ordered by sha256 of the id)."""
     ids = sorted({g["id"] for g in generations if g.get("category") == category})
-    return sorted(ids, key=lambda i: hashlib.sha256(str(i).encode()).hexdigest())[:n]
+    return sorted(sorted(ids, key=lambda i: hashlib.sha256(str(i).encode()).hexdigest())[:n])
 
 
 def _completion_cell(item: dict | None) -> str:
@@ -751,7 +792,8 @@ def generations_table(arms: list[Arm], set_name: str, targets: list[str]) -> str
         for pid in sample_ids(generations, category):
             prompt = next(iter(by_id[a.key][pid] for a in shown if pid in by_id[a.key]))["prompt"]
             cells = "".join(_completion_cell(by_id[a.key].get(pid)) for a in shown)
-            rows.append(f'<tr data-id="{esc(pid)}"><td class="prompt"><span class="pid">{esc(pid)}</span><div class="text">{esc(truncate(prompt))}</div></td>{cells}</tr>')
+            prompt_cell = f'<td class="prompt"><span class="pid">{esc(pid)}</span><div class="text">{esc(truncate(prompt))}</div></td>'
+            rows.append(f'<tr data-id="{esc(pid)}">{prompt_cell}{cells}</tr>')
     return _table(["prompt", *(esc(a.label) for a in shown)], rows, "generations", f' data-set="{esc(set_name)}"')
 
 
@@ -762,8 +804,9 @@ def section_generations(data: RunData) -> str:
         "reruns show the same prompts) with the greedy completions and the judge's verdict. Look for refusals that "
         "appear on the target category only, and for completions elsewhere that changed in tone or quality. "
         f"Texts are cut at {MAX_TEXT_CHARS} characters; non-printable characters are shown as \\xNN.")]
-    for set_name in (data.arms[-1].results.get("generations") or {}):
-        blocks.append(f"<h3>Prompt set: {esc(set_name)}</h3>" + generations_table(data.arms, set_name, data.targets))
+    for i, set_name in enumerate(data.arms[-1].results.get("generations") or {}):
+        blocks.append(f'<details{" open" if i == 0 else ""}><summary>Prompt set: {esc(set_name)}</summary>'
+                      f"{generations_table(data.arms, set_name, data.targets)}</details>")
     if len(blocks) == 1:
         blocks.append(_note("No generations were stored in results.json."))
     return _section("generations", "".join(blocks))
@@ -774,7 +817,8 @@ def section_generations(data: RunData) -> str:
 CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0;color:#222;background:#fafafa;line-height:1.4}
 header{background:#263238;color:#fff;padding:18px 32px}header h1{margin:0 0 4px;font-size:22px}header p{margin:0;color:#cfd8dc;font-size:13px}
-nav{background:#fff;border-bottom:1px solid #ddd;padding:8px 32px;position:sticky;top:0;font-size:14px}nav a{margin-right:16px;color:#1565c0;text-decoration:none}
+nav{background:#fff;border-bottom:1px solid #ddd;padding:8px 32px;position:sticky;top:0;font-size:14px}
+nav a{margin-right:16px;color:#1565c0;text-decoration:none}
 main{max-width:1280px;margin:0 auto;padding:8px 32px 48px}
 section{background:#fff;border:1px solid #e0e0e0;border-radius:6px;padding:8px 24px 20px;margin:18px 0}
 h2{font-size:19px;border-bottom:2px solid #d62728;padding-bottom:4px}h3{font-size:15px;margin:18px 0 6px}
@@ -782,7 +826,8 @@ h2{font-size:19px;border-bottom:2px solid #d62728;padding-bottom:4px}h3{font-siz
 .note{color:#555;font-size:13.5px}.warning{background:#fff8e1;border-left:4px solid #f9a825;padding:6px 10px;font-size:13px}
 .facts{font-size:14px}
 figure{margin:8px 0}figure img{max-width:100%;height:auto;border:1px solid #eee}figcaption{font-size:12px;color:#666}
-table{border-collapse:collapse;font-size:13px;margin:8px 0;background:#fff}th,td{border:1px solid #e0e0e0;padding:4px 8px;text-align:left;vertical-align:top}
+table{border-collapse:collapse;font-size:13px;margin:8px 0;background:#fff}
+th,td{border:1px solid #e0e0e0;padding:4px 8px;text-align:left;vertical-align:top}
 thead th{background:#eceff1}tbody th{font-weight:600;background:#fafafa}
 table.kv td{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:12px;word-break:break-all}
 td.rate .v{font-weight:600;margin-right:6px}td.rate .ci{color:#666;font-size:11.5px;white-space:nowrap}
@@ -795,6 +840,7 @@ table.generations{table-layout:fixed;width:100%}table.generations td{width:33%}t
 .pid{color:#888;font-size:11px}
 .grid{display:grid;grid-template-columns:2fr 1fr 1fr;gap:16px}.grid h3{margin-top:6px}
 details{margin:8px 0}summary{cursor:pointer;color:#1565c0;font-size:14px}
+#generations>details>summary{font-size:15px;font-weight:600;color:#222;margin:14px 0 6px}
 footer{color:#888;font-size:12px;text-align:center;padding:12px}
 """
 
@@ -813,7 +859,7 @@ def build_report(path: Path) -> str:
     if data.eval_only:
         title = f"cdelta evaluation: {meta.get('model', '?')}"
     else:
-        title = f"C-Δθ report: refuse {data.edit.get('category', '?')} on {meta.get('model', '?')}"
+        title = f"C-Δθ report: refuse {', '.join(data.targets) or '?'} on {meta.get('model', '?')}"
     subtitle = f"weights sha256 {meta.get('weights_sha256', '?')} · seed {meta.get('seed', '?')} · {meta.get('created', '')}"
     return (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
