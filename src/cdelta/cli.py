@@ -56,7 +56,7 @@ def _run_logger(log_path: Path):
         with open(log_path, "a", encoding="utf-8") as handle:
             handle.write(f"{datetime.now().isoformat(timespec='seconds')} {message}\n")
         if not ui.is_quiet():
-            console.print(f"[dim]{message}[/]", highlight=False)
+            console.print(f"[dim]{message}[/]", highlight=False, soft_wrap=True)
 
     return log
 

@@ -11,10 +11,13 @@ A ``CastModel`` holds
 * a threshold ``θ`` and a comparator: with ``s = cos(mean_prompt_hidden, c)`` the
   condition fires when ``s > θ`` (``"larger"``) or ``s < θ`` (``"smaller"``).
   (The reference implementation names the comparator the other way round; here the
-  name says which side fires.)
+  name says which side fires.) Optionally (``condition_center``, an extension of CAST)
+  the hidden state is first centred on the mean training activation ``μ``:
+  ``s = cos(h − μ, c)``; without it the shared component of all prompts dominates the
+  cosine.
 
-``fit_cast`` chooses the condition layer, ``θ`` and the comparator by F1 on the
-validation split. ``CastModel.attach(model)`` is a context manager installing plain
+``fit_cast`` chooses the condition layer, centring, ``θ`` and the comparator by F1 on
+the validation split. ``CastModel.attach(model)`` is a context manager installing plain
 forward hooks; they are removed on exit and the model is then bit-identical to the
 base. The decision is made per sequence, on the prompt forward pass of each
 ``model.generate`` call (recognised by an empty/absent KV cache), from the
@@ -69,6 +72,7 @@ class CastModel:
     condition_layer: int
     threshold: float
     comparator: str = "larger"
+    condition_center: torch.Tensor | None = None
     category: str = ""
     grid: list[dict] = field(default_factory=list)
     info: dict = field(default_factory=dict)
@@ -83,9 +87,12 @@ class CastModel:
         return similarity > self.threshold if self.comparator == "larger" else similarity < self.threshold
 
     def similarity(self, pooled: torch.Tensor) -> torch.Tensor:
-        """Cosine similarity of pooled hidden states [batch, d] with the condition vector."""
+        """Cosine similarity of pooled hidden states [batch, d] (minus ``condition_center``) with the condition vector."""
         c = self.condition_vector.to(pooled.device, torch.float32)
-        return torch.nn.functional.cosine_similarity(pooled.float(), c.unsqueeze(0), dim=-1)
+        h = pooled.float()
+        if self.condition_center is not None:
+            h = h - self.condition_center.to(h.device, torch.float32)
+        return torch.nn.functional.cosine_similarity(h, c.unsqueeze(0), dim=-1)
 
     def attach(self, model: torch.nn.Module) -> CastHooks:
         """Context manager: ``with cast.attach(model) as hooks: ...`` (``hooks.mask`` after a call)."""
@@ -99,8 +106,9 @@ class CastModel:
 
     def to_json(self) -> dict:
         meta = asdict(self)
-        for key in ("behavior_vector", "condition_vector"):
+        for key in ("behavior_vector", "condition_vector", "condition_center"):
             meta.pop(key)
+        meta["centered"] = self.condition_center is not None
         return meta
 
     def save(self, path: Path) -> None:
@@ -108,6 +116,8 @@ class CastModel:
 
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         tensors = {"behavior_vector": self.behavior_vector.float().contiguous(), "condition_vector": self.condition_vector.float().contiguous()}
+        if self.condition_center is not None:
+            tensors["condition_center"] = self.condition_center.float().contiguous()
         save_file(tensors, str(path), metadata={"cast": json.dumps(self.to_json(), default=str)})
 
     @classmethod
@@ -116,7 +126,8 @@ class CastModel:
 
         with safe_open(str(path), framework="pt") as handle:
             meta = json.loads(handle.metadata()["cast"])
-            tensors = {k: handle.get_tensor(k) for k in ("behavior_vector", "condition_vector")}
+            tensors = {k: handle.get_tensor(k) for k in handle.keys()}
+        meta.pop("centered", None)
         return cls(**tensors, **meta)
 
 
@@ -311,6 +322,7 @@ def fit_cast(
     lookalike: bool = False,
     n_contrast_per_category: int | None = 32,
     n_thresholds: int = 101,
+    centers: Sequence[bool] = (False, True),
     direction_kwargs: dict | None = None,
     progress: bool = False,
 ) -> CastModel:
@@ -323,8 +335,11 @@ def fit_cast(
       prompt activations of the target category vs contrast prompts (other harm
       categories and harmless, plus look-alikes if ``lookalike``), at most
       ``n_contrast_per_category`` per contrast category;
-    * grid search (validation split, all target and contrast prompts): condition layer
-      (default: every layer) × comparator × ``n_thresholds`` thresholds, by F1.
+    * grid search (validation split, all target and contrast prompts): centring (each
+      of ``centers``; True subtracts the mean train activation ``μ`` of target and
+      contrast prompts before the cosine) × condition layer (default: every layer) ×
+      comparator × ``n_thresholds`` thresholds, by F1; ties go to the first of
+      ``centers``, then as in ``grid_search_condition``. ``centers=(False,)`` is plain CAST.
     """
     model, tokenizer = lm.model, lm.tokenizer
     started = time.perf_counter()
@@ -342,12 +357,17 @@ def fit_cast(
     pos = collect_prompt_activations(model, tokenizer, target.texts(), layers, ("mean",))["mean"]
     neg = collect_prompt_activations(model, tokenizer, contrast.texts(), layers, ("mean",))["mean"]
     vectors = direction_from(pos, neg, method)  # [n_layers_sel, d]
+    mu = torch.cat([pos, neg], dim=1).mean(1)  # [n_layers_sel, d]
 
     val = val_target + val_contrast
     val_acts = collect_prompt_activations(model, tokenizer, val.texts(), layers, ("mean",))["mean"]
-    scores = torch.nn.functional.cosine_similarity(val_acts, vectors[:, None, :], dim=-1)
     labels = torch.tensor([p.category == category for p in val])
-    grid = grid_search_condition(scores, labels, layers, n_thresholds)
+    grid = []
+    for center in centers:
+        acts = val_acts - mu[:, None, :] if center else val_acts
+        scores = torch.nn.functional.cosine_similarity(acts, vectors[:, None, :], dim=-1)
+        grid += [{**row, "center": bool(center)} for row in grid_search_condition(scores, labels, layers, n_thresholds)]
+    grid = sorted(grid, key=lambda row: -row["f1"])  # stable: ties keep the order above
     best = grid[0]
     index = layers.index(best["layer"])
     info = {
@@ -371,6 +391,7 @@ def fit_cast(
         condition_layer=best["layer"],
         threshold=best["threshold"],
         comparator=best["comparator"],
+        condition_center=mu[index].clone() if best["center"] else None,
         category=category,
         grid=grid,
         info=info,

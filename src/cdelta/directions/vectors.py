@@ -136,7 +136,7 @@ def collect_prompt_activations(
         for start in range(0, len(prompts), batch_size):
             batch = encode_chat(tokenizer, prompts[start : start + batch_size], device)
             mask = batch["attention_mask"]
-            model(**batch, position_ids=generation_position_ids(mask), use_cache=False)
+            model.get_decoder()(**batch, position_ids=generation_position_ids(mask), use_cache=False)
             for pos in positions:
                 per_layer = []
                 for layer in layers:
@@ -175,7 +175,7 @@ def collect_reply_activations(
             batch = build_reply_batch(
                 tokenizer, prompts[start : start + batch_size], replies[start : start + batch_size], max_reply_tokens
             ).to(device)
-            model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+            model.get_decoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
             rows = torch.arange(batch.input_ids.shape[0], device=device)
             for pos in positions:
                 per_layer = []
