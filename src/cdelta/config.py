@@ -37,16 +37,16 @@ class RunConfig(BaseModel):
     circuit: str = Field("params:0.02", description="Circuit selection: top_k:N, top_frac:F, threshold:S or params:F.")
     # edit
     variant: Literal["direct", "contrastive"] = Field("direct", description="direct: one masked fine-tune; contrastive: k·M⊙(θ_pos − θ_neg).")
-    steps: int = Field(60, ge=1, description="Optimizer steps of each masked fine-tune.")
-    lr: float = Field(1e-4, gt=0)
+    steps: int = Field(30, ge=1, description="Optimizer steps of each masked fine-tune.")
+    lr: float = Field(1e-3, gt=0)
     batch_size: int = Field(8, ge=1)
-    retain_weight: float = Field(1.0, ge=0, description="Weight of the KL-to-base retain loss.")
+    retain_weight: float = Field(3.0, ge=0, description="Weight of the KL-to-base retain loss.")
     first_token_weight: float = Field(10.0, ge=0, description="Weight of the first reply token inside the retain KL.")
     retain_harmless: int = Field(64, ge=0)
     retain_lookalike: int = Field(48, ge=0)
-    retain_other: int = Field(12, ge=0, description="Retain prompts per other harmful category.")
+    retain_other: int = Field(24, ge=0, description="Retain prompts per other harmful category.")
     k: float | None = Field(None, description="Scale of ΔθC; None chooses it on the validation split from k_grid.")
-    k_grid: list[float] = [0.5, 1.0, 1.5]
+    k_grid: list[float] = [1.0, 1.5, 2.0]
     controls: list[Literal["random", "full"]] = Field([], description="Also edit an equal-size random circuit and/or all parameters.")
     # eval
     judge: str = "classifier"
