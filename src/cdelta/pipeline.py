@@ -205,12 +205,14 @@ def run_pipeline(cfg: RunConfig, run_dir: Path, log: Log = print) -> dict:
     controls = {}
     for control in cfg.controls:
         clock = time.perf_counter()
-        control_masks = _union_masks([random_circuit_like(c, cfg.seed + 1).param_masks(lm.model) for c in selected]) if control == "random" else _all_masks(lm.model)
+        randoms = [random_circuit_like(c, cfg.seed + 1) for c in selected] if control == "random" else []
+        control_masks = _union_masks([c.param_masks(lm.model) for c in randoms]) if randoms else _all_masks(lm.model)
         control_delta = compose(_train_delta(lm, control_masks, data, cfg, contrast, control), None, k)
         model = copy.deepcopy(lm.model)
         apply_to_model(model, control_delta)
         controls[control] = {
             "params_touched": int(sum(int(m.sum()) for m in control_masks.values())),
+            "nodes": sorted(n for c in randoms for n in c.nodes) if randoms else "all parameters",
             "results": evaluate_model(model, lm.tokenizer, sets, eval_cfg, (lm.model, lm.tokenizer), progress=True),
         }
         timings[f"control_{control}"] = time.perf_counter() - clock
