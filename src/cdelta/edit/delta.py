@@ -33,15 +33,6 @@ def compose(positive: Delta, negative: Delta | None = None, scale: float = 1.0) 
     return {n: scale * (positive.get(n, zero[n]) - negative.get(n, zero[n])) for n in names}
 
 
-def add_deltas(*deltas: Delta) -> Delta:
-    """Sum of several deltas (composed edits, e.g. two categories)."""
-    total: Delta = {}
-    for delta in deltas:
-        for name, value in delta.items():
-            total[name] = total[name] + value if name in total else value.clone()
-    return total
-
-
 def count_touched(delta: Delta) -> int:
     """Number of weight entries the delta changes."""
     return int(sum((value != 0).sum().item() for value in delta.values()))
