@@ -48,6 +48,7 @@ from cdelta.directions.vectors import (
     masked_mean,
 )
 from cdelta.errors import CdeltaError
+from cdelta.evaluate import limit_per_category
 from cdelta.models.architecture import architecture_of, decoder_layers
 
 COMPARATORS = ("larger", "smaller")
@@ -300,15 +301,6 @@ def condition_sets(prompts: PromptSet, category: str, split: str, lookalike: boo
     return target, contrast
 
 
-def _balanced_contrast(contrast: PromptSet, per_category: int | None, seed: int) -> PromptSet:
-    if per_category is None:
-        return contrast
-    chosen = []
-    for category in contrast.categories():
-        chosen += contrast.filter(category=category).sample(per_category, seed).prompts
-    return PromptSet(contrast.name, chosen)
-
-
 def fit_cast(
     lm,
     prompts: PromptSet,
@@ -350,7 +342,7 @@ def fit_cast(
     layers = list(range(n_layers)) if condition_layers is None else list(condition_layers)
 
     target, contrast = condition_sets(prompts, category, "train", lookalike)
-    contrast = _balanced_contrast(contrast, n_contrast_per_category, seed)
+    contrast = limit_per_category(contrast, n_contrast_per_category, seed)
     val_target, val_contrast = condition_sets(prompts, category, "val", lookalike)
     if not (len(target) and len(contrast) and len(val_target) and len(val_contrast)):
         raise CdeltaError(f"CAST for {category!r} needs target and contrast prompts in the train and val splits", "use a prompt set with all splits")
