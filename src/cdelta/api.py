@@ -22,7 +22,7 @@ from cdelta.data.prompts import PromptSet
 from cdelta.edit.data import own_reply_pairs, refusal_pairs, retain_prompts
 from cdelta.edit.delta import Delta, compose
 from cdelta.edit.export import export_edit
-from cdelta.edit.train import EditData, TrainConfig, masked_finetune
+from cdelta.edit.train import EditData, masked_finetune
 from cdelta.evaluate import EvalConfig, evaluate_model
 from cdelta.models.loading import LoadedModel, load_model
 
@@ -45,10 +45,9 @@ def edit(lm: LoadedModel, circuit, category: str, k: float = 1.0, prompts: Promp
     cfg = RunConfig(category=[category], **settings)
     prompts = prompts or load_builtin()
     target = prompts.filter(split="train", category=category)
-    retain_set = retain_prompts(prompts, [category], {"harmless": cfg.retain_harmless, "lookalike": cfg.retain_lookalike, "other": cfg.retain_other}, cfg.seed)
+    retain_set = retain_prompts(prompts, [category], cfg.retain_counts(), cfg.seed)
     data = EditData(refusal_pairs(target, category, cfg.seed), own_reply_pairs(lm.model, lm.tokenizer, retain_set, 16))
-    train = TrainConfig(cfg.steps, cfg.lr, cfg.batch_size, 16, cfg.retain_weight, cfg.first_token_weight, seed=cfg.seed)
-    return compose(masked_finetune(lm.model, lm.tokenizer, circuit.param_masks(lm.model), data, train), None, k)
+    return compose(masked_finetune(lm.model, lm.tokenizer, circuit.param_masks(lm.model), data, cfg.train_config()), None, k)
 
 
 def export(lm: LoadedModel, delta: Delta, out_dir: str | Path, **manifest) -> dict:

@@ -57,6 +57,16 @@ class RunConfig(BaseModel):
     eval_limit: int | None = Field(None, ge=1, description="Evaluate at most this many prompts per category (None: all).")
     faithfulness: bool = Field(True, description="Measure the circuit's faithfulness curve during localize.")
 
+    def retain_counts(self) -> dict[str, int]:
+        """Retain prompts drawn per kind (``other`` is per other harmful category)."""
+        return {"harmless": self.retain_harmless, "lookalike": self.retain_lookalike, "other": self.retain_other}
+
+    def train_config(self):
+        """The masked fine-tune's settings (``edit.train.TrainConfig``)."""
+        from cdelta.edit.train import TrainConfig
+
+        return TrainConfig(self.steps, self.lr, self.batch_size, 16, self.retain_weight, self.first_token_weight, seed=self.seed)
+
     @field_validator("category")
     @classmethod
     def _known_categories(cls, value: list[str]) -> list[str]:

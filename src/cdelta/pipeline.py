@@ -21,7 +21,7 @@ from cdelta.data.prompts import HARMLESS, LOOKALIKE, PromptSet
 from cdelta.edit.data import own_reply_pairs, refusal_pairs, retain_prompts
 from cdelta.edit.delta import Delta, apply_to_model, compose, load_sparse, save_sparse
 from cdelta.edit.export import export_edit, write_model_card
-from cdelta.edit.train import EditData, TrainConfig, masked_finetune
+from cdelta.edit.train import EditData, masked_finetune
 from cdelta.evaluate import EvalConfig, evaluate_model, judge_generations, limit_per_category, refusal_stats
 from cdelta.io import atomic_write_json, provenance
 from cdelta.models.loading import LoadedModel, load_model
@@ -86,7 +86,7 @@ def random_circuit_like(circuit, seed: int):
 
 def _train_delta(lm: LoadedModel, masks, data: EditData, cfg: RunConfig, contrast_data: EditData | None, label: str) -> Delta:
     """Direct: one masked fine-tune. Contrastive: θ_pos − θ_neg from two masked fine-tunes."""
-    train = TrainConfig(cfg.steps, cfg.lr, cfg.batch_size, 16, cfg.retain_weight, cfg.first_token_weight, seed=cfg.seed)
+    train = cfg.train_config()
     positive = masked_finetune(lm.model, lm.tokenizer, masks, data, train, description=f"{label}: θ_pos")
     if cfg.variant == "direct":
         return positive
@@ -136,7 +136,7 @@ def run_pipeline(cfg: RunConfig, run_dir: Path, log: Log = print) -> dict:
 
     # 2. retain data: the base model's own replies
     clock = time.perf_counter()
-    retain_set = retain_prompts(prompts, cfg.category, {"harmless": cfg.retain_harmless, "lookalike": cfg.retain_lookalike, "other": cfg.retain_other}, cfg.seed)
+    retain_set = retain_prompts(prompts, cfg.category, cfg.retain_counts(), cfg.seed)
     retain_key = {**base_key, "ids": [p.id for p in retain_set]}
     retain = run_stage(
         run_dir, "retain", retain_key, ["retain.json"],
