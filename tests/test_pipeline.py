@@ -2,13 +2,15 @@
 
 import json
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 from cdelta.config import RunConfig
+from cdelta.data.builtin import load_builtin
 from cdelta.edit.delta import load_sparse
 from cdelta.models.loading import load_model
-from cdelta.pipeline import run_pipeline
+from cdelta.pipeline import build_control, build_edit, off_target_cost, run_pipeline, selection_score
 
 
 def _config(model_dir) -> RunConfig:
@@ -46,3 +48,30 @@ def test_run_is_deterministic_resumable_and_exports_drop_in_checkpoint(tiny_llam
         expected = dict(base.named_parameters())[name] + delta.get(name, 0)
         torch.testing.assert_close(param, expected, rtol=0, atol=0)
     assert json.loads((tmp_path / "a" / "results.json").read_text())["meta"]["seed"] == 0
+
+
+def test_selection_rule_for_refuse_and_lift():
+    base = {"cybercrime": 0.9, "fraud": 0.8, "harmless": 0.0, "lookalike": 0.1}
+    # refuse: any off-target rise counts twice against target refusal
+    assert selection_score({"cybercrime": 1.0, "fraud": 0.9, "harmless": 0.0, "lookalike": 0.1}, base, ["cybercrime"]) == pytest.approx(0.8)
+    # lift: target progress is 1 - refusal; other harmful may fall by 5 points for free, not more
+    lifted = {"cybercrime": 0.1, "fraud": 0.76, "harmless": 0.0, "lookalike": 0.1}
+    assert selection_score(lifted, base, ["cybercrime"], "lift") == pytest.approx(0.9)
+    dropped = {**lifted, "fraud": 0.6}
+    assert off_target_cost(dropped, base, ["cybercrime"], "lift") == pytest.approx(0.15)
+    # lift: harmless / look-alike refusal rising still counts
+    assert off_target_cost({**lifted, "lookalike": 0.3}, base, ["cybercrime"], "lift") == pytest.approx(0.2)
+
+
+def test_lift_learns_ablation_teacher_replies_and_keeps_controls(tiny_llama_dir, tmp_path):
+    cfg = _config(tiny_llama_dir).model_copy(update={"direction": "lift", "controls": ["random"]})
+    lm = load_model(str(tiny_llama_dir))
+    built = build_edit(cfg, tmp_path, lm, log=lambda m: None)
+    pairs = json.loads((tmp_path / "lift_target.json").read_text())
+    assert [p for p, _ in pairs] == [p for p, _ in built.data.target]
+    assert len(pairs) == len(load_builtin().filter(split="train", category="cybercrime"))
+    assert built.params_touched == sum(int(m.sum()) for m in built.masks.values()) > 0
+    delta, info = build_control(cfg, tmp_path, lm, built, "random", log=lambda m: None)
+    assert set(info["nodes"]) != set(built.circuit_nodes) and len(info["nodes"]) == len(built.circuit_nodes)
+    assert (tmp_path / "controls" / "random" / "delta.safetensors").exists()
+    assert any(v.abs().sum() > 0 for v in delta.values())

@@ -243,6 +243,7 @@ def run_cmd(
     config: Annotated[Optional[Path], typer.Option(help="TOML file of settings (flags override it).")] = None,
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="Bundled model name, local HF directory, or hub id.")] = None,
     category: Annotated[Optional[str], typer.Option(help="Target category, or several comma-separated.")] = None,
+    direction: Annotated[Optional[str], typer.Option(help="refuse (default) or lift (answer the category, keep other refusals).")] = None,
     circuit: Annotated[Optional[str], typer.Option(help="Circuit selection: params:F, top_k:N, top_frac:F, threshold:S.")] = None,
     variant: Annotated[Optional[str], typer.Option(help="direct or contrastive.")] = None,
     steps: Annotated[Optional[int], typer.Option(help="Fine-tune steps.")] = None,
@@ -260,7 +261,7 @@ def run_cmd(
 
     _quiet_libraries()
     overrides = dict(
-        model=model, category=category.split(",") if category else None, circuit=circuit, variant=variant, steps=steps,
+        model=model, category=category.split(",") if category else None, direction=direction, circuit=circuit, variant=variant, steps=steps,
         k=k, controls=controls.split(",") if controls else None, n_pairs=n_pairs, seed=seed, device=device,
         dtype=dtype, trust_remote_code=trust_remote_code,
     )

@@ -22,7 +22,9 @@ class RunConfig(BaseModel):
 
     model: str = Field("smollm2-135m", description="Bundled model name, local HF directory, or hub id.")
     category: list[str] = Field(["cybercrime"], description="Target harm categories (several: one composed edit).")
-    direction: Literal["refuse"] = Field("refuse", description="refuse: make the model refuse the category.")
+    direction: Literal["refuse", "lift"] = Field(
+        "refuse", description="refuse: make the model refuse the category; lift: make it answer the category, keeping its other refusals."
+    )
     seed: int = Field(0, description="Random seed for splits, sampling, training and controls.")
     device: str = Field("cpu", description="auto, cpu, cuda or mps.")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"

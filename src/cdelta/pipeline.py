@@ -1,7 +1,9 @@
 """The main job, ``cdelta run``: localize → edit → choose k → export → evaluate.
 
 Every stage writes its artifact into the run directory and is skipped on a rerun
-whose inputs are unchanged (see ``stages.run_stage``).
+whose inputs are unchanged (see ``stages.run_stage``). ``build_edit`` runs the stages
+up to the scaled ΔθC (used by ``cdelta compare`` too); ``run_pipeline`` adds export,
+evaluation and controls.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import json
 import random
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -30,6 +33,8 @@ from cdelta.stages import file_digest, fingerprint, run_stage
 Log = Callable[[str], None]
 K_SELECT_TOKENS = 12
 """Tokens generated per validation prompt when choosing k (the judge reads the opening)."""
+HARMFUL_DROP_TOLERANCE = 0.05
+"""Lift: how far another harmful category's refusal may fall before it counts against k."""
 
 
 def _quick_refusal(model, tokenizer, prompts: PromptSet, judge, batch_size: int) -> dict[str, float]:
@@ -38,15 +43,36 @@ def _quick_refusal(model, tokenizer, prompts: PromptSet, judge, batch_size: int)
     return {cat: cell.rate for cat, cell in refusal_stats(prompts, refused).items()}
 
 
-def selection_score(rates: dict[str, float], base: dict[str, float], targets: list[str]) -> float:
-    """The k-selection rule: mean target refusal minus twice the worst off-target rise.
+def off_target_cost(rates: dict[str, float], base: dict[str, float], targets: list[str], direction: str = "refuse") -> float:
+    """The worst off-target change against the base, as a non-negative number.
 
-    Off-target cells are every non-target category (other harmful, harmless, look-alike);
-    a rise is measured against the base model on the same validation prompts.
+    Harmless and look-alike refusal count when they rise. Other harmful categories
+    count when they rise (``refuse``: selectivity) or fall by more than
+    ``HARMFUL_DROP_TOLERANCE`` (``lift``: the other refusals must be kept).
+    """
+    costs = [0.0]
+    for group, rate in rates.items():
+        if group in targets:
+            continue
+        change = rate - base[group]
+        harmful = group not in (HARMLESS, LOOKALIKE)
+        if direction == "lift" and harmful:
+            costs.append(max(0.0, -change - HARMFUL_DROP_TOLERANCE))
+        else:
+            costs.append(change)
+    return max(costs)
+
+
+def selection_score(rates: dict[str, float], base: dict[str, float], targets: list[str], direction: str = "refuse") -> float:
+    """The k-selection rule: target progress minus twice the worst off-target change.
+
+    Target progress is the mean target refusal (``refuse``) or one minus it (``lift``);
+    the off-target change is ``off_target_cost`` against the base on the same
+    validation prompts.
     """
     target = sum(rates[t] for t in targets) / len(targets)
-    rises = [rates[c] - base[c] for c in rates if c not in targets]
-    return target - 2 * max([0.0, *rises])
+    progress = target if direction == "refuse" else 1.0 - target
+    return progress - 2 * off_target_cost(rates, base, targets, direction)
 
 
 def choose_k(lm: LoadedModel, delta: Delta, val: PromptSet, grid: list[float], cfg: RunConfig, judge, log: Log) -> dict:
@@ -57,7 +83,7 @@ def choose_k(lm: LoadedModel, delta: Delta, val: PromptSet, grid: list[float], c
         edited = copy.deepcopy(lm.model)
         apply_to_model(edited, compose(delta, None, k))
         rates = _quick_refusal(edited, lm.tokenizer, val, judge, cfg.eval_batch_size)
-        score = selection_score(rates, base, cfg.category)
+        score = selection_score(rates, base, cfg.category, cfg.direction)
         trials.append({"k": k, "rates": rates, "score": score})
         log(f"k={k:g}: score {score:.3f} " + ", ".join(f"{c} {r:.0%}" for c, r in rates.items()))
         del edited
@@ -84,6 +110,37 @@ def random_circuit_like(circuit, seed: int):
     return circuit.with_nodes(chosen, {"kind": "random", "seed": seed, "like": circuit.meta.get("selection")})
 
 
+@dataclass
+class BuiltEdit:
+    """ΔθC and what produced it: the output of ``build_edit``.
+
+    ``delta`` is already scaled by the chosen ``k``; ``raw`` is the unscaled one.
+    ``masks`` are the circuit's boolean parameter masks (name → tensor of the
+    parameter's shape).
+    """
+
+    delta: Delta
+    raw: Delta
+    k: float
+    k_info: dict
+    masks: dict[str, torch.Tensor]
+    circuits: list
+    contrasts: dict
+    data: EditData
+    contrast_data: EditData | None
+    edit_key: dict
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def params_touched(self) -> int:
+        """Parameter entries the circuit may change (the masks' true entries)."""
+        return int(sum(int(m.sum()) for m in self.masks.values()))
+
+    @property
+    def circuit_nodes(self) -> list[str]:
+        return sorted({n for c in self.circuits for n in c.nodes})
+
+
 def _train_delta(lm: LoadedModel, masks, data: EditData, cfg: RunConfig, contrast_data: EditData | None, label: str) -> Delta:
     """Direct: one masked fine-tune. Contrastive: θ_pos − θ_neg from two masked fine-tunes."""
     train = cfg.train_config()
@@ -94,21 +151,36 @@ def _train_delta(lm: LoadedModel, masks, data: EditData, cfg: RunConfig, contras
     return compose(positive, negative, 1.0)
 
 
-def run_pipeline(cfg: RunConfig, run_dir: Path, log: Log = print) -> dict:
-    """Run (or resume) the whole job; returns the results written to ``results.json``."""
+def _cached_pairs(run_dir: Path, name: str, key: dict, make: Callable[[], list], log: Log) -> list[tuple[str, str]]:
+    """(prompt, reply) pairs made once and stored as ``run_dir/name.json``."""
+    path = run_dir / f"{name}.json"
+    return run_stage(run_dir, name, key, [path.name], lambda: _write_json(path, make()),
+                     lambda: [tuple(x) for x in json.loads(path.read_text())], log)
+
+
+def _lift_replies(lm: LoadedModel, prompts: PromptSet, target: PromptSet, cfg: RunConfig) -> list[tuple[str, str]]:
+    """Compliant replies for ``lift``: the base's own greedy replies with its refusal direction ablated.
+
+    The direction is fitted on the train split (``fit_refusal_direction``); the ablated
+    model is only a teacher: the edit itself stays inside the circuit.
+    """
+    from cdelta.directions import ablation_hooks, fit_refusal_direction
+
+    direction = fit_refusal_direction(lm, prompts, seed=cfg.seed, recipe="harmful-harmless")
+    with ablation_hooks(lm.model, direction):
+        return own_reply_pairs(lm.model, lm.tokenizer, target, 24)
+
+
+def build_edit(cfg: RunConfig, run_dir: Path, lm: LoadedModel, log: Log = print, prompts: PromptSet | None = None) -> BuiltEdit:
+    """Localize, train and scale ΔθC (resumable stages in ``run_dir``), without exporting or evaluating."""
     from cdelta.circuits.circuit import Circuit
     from cdelta.circuits.localize import choose_contrast, localize
     from cdelta.judge import get_judge
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    timings: dict[str, float] = {}
-    judge = get_judge(cfg.judge)
-    torch.manual_seed(cfg.seed)
-    clock = time.perf_counter()
-    lm = load_model(cfg.model, cfg.device, cfg.dtype, cfg.trust_remote_code)
-    prompts = load_builtin()
+    prompts = prompts or load_builtin()
     base_key = {"model_sha256": lm.weights_sha256, "seed": cfg.seed}
-    timings["load"] = time.perf_counter() - clock
+    timings: dict[str, float] = {}
 
     # 1. localize: one circuit per target category, united
     clock = time.perf_counter()
@@ -134,33 +206,32 @@ def run_pipeline(cfg: RunConfig, run_dir: Path, log: Log = print) -> dict:
     selected = [c.select_spec(cfg.circuit, lm.model) for c in circuits]
     masks = _union_masks([c.param_masks(lm.model) for c in selected])
 
-    # 2. retain data: the base model's own replies
+    # 2. data: the base model's own replies to retain; target replies to learn
     clock = time.perf_counter()
     retain_set = retain_prompts(prompts, cfg.category, cfg.retain_counts(), cfg.seed)
-    retain_key = {**base_key, "ids": [p.id for p in retain_set]}
-    retain = run_stage(
-        run_dir, "retain", retain_key, ["retain.json"],
-        lambda: _write_json(run_dir / "retain.json", own_reply_pairs(lm.model, lm.tokenizer, retain_set, 16)),
-        lambda: [tuple(x) for x in json.loads((run_dir / "retain.json").read_text())], log,
-    )
-    timings["retain"] = time.perf_counter() - clock
+    retain = _cached_pairs(run_dir, "retain", {**base_key, "ids": [p.id for p in retain_set]},
+                           lambda: own_reply_pairs(lm.model, lm.tokenizer, retain_set, 16), log)
+    target = prompts.filter(split="train", category=cfg.category)
+    target_key = {**base_key, "ids": [p.id for p in target]}
+    if cfg.direction == "refuse":
+        learned = sum((refusal_pairs(target.filter(category=c), c, cfg.seed) for c in cfg.category), [])
+    else:
+        learned = _cached_pairs(run_dir, "lift_target", target_key, lambda: _lift_replies(lm, prompts, target, cfg), log)
+    data = EditData(learned, retain)
+    contrast_data = None
+    if cfg.variant == "contrastive":
+        own = _cached_pairs(run_dir, "own_target", target_key, lambda: own_reply_pairs(lm.model, lm.tokenizer, target, 24), log)
+        contrast_data = EditData(own, retain)
+    timings["data"] = time.perf_counter() - clock
 
     # 3. edit: circuit-restricted ΔθC (before scaling by k)
     clock = time.perf_counter()
-    target = prompts.filter(split="train", category=cfg.category)
-    data = EditData(sum((refusal_pairs(target.filter(category=c), c, cfg.seed) for c in cfg.category), []), retain)
-    contrast = None
-    if cfg.variant == "contrastive":
-        own = run_stage(run_dir, "own-target", {**base_key, "ids": [p.id for p in target]}, ["own_target.json"],
-                        lambda: _write_json(run_dir / "own_target.json", own_reply_pairs(lm.model, lm.tokenizer, target, 24)),
-                        lambda: [tuple(x) for x in json.loads((run_dir / "own_target.json").read_text())], log)
-        contrast = EditData(own, retain)
-    edit_fields = {"variant", "steps", "lr", "batch_size", "retain_weight", "first_token_weight", "circuit", "category"}
+    edit_fields = {"variant", "direction", "steps", "lr", "batch_size", "retain_weight", "first_token_weight", "circuit", "category"}
     edit_key = {**base_key, "circuits": [file_digest(run_dir / "localize" / c / "circuit.json") for c in cfg.category],
                 "retain": file_digest(run_dir / "retain.json"), **cfg.model_dump(include=edit_fields)}
     raw = run_stage(
         run_dir, "edit", edit_key, ["delta_unscaled.safetensors"],
-        lambda: _save_delta(run_dir / "delta_unscaled.safetensors", _train_delta(lm, masks, data, cfg, contrast, "circuit"), edit_key),
+        lambda: _save_delta(run_dir / "delta_unscaled.safetensors", _train_delta(lm, masks, data, cfg, contrast_data, "circuit"), edit_key),
         lambda: load_sparse(run_dir / "delta_unscaled.safetensors")[0], log,
     )
     timings["edit"] = time.perf_counter() - clock
@@ -171,27 +242,64 @@ def run_pipeline(cfg: RunConfig, run_dir: Path, log: Log = print) -> dict:
     k_key = {**edit_key, "k": cfg.k, "k_grid": cfg.k_grid, "judge": cfg.judge}
     k_info = run_stage(
         run_dir, "choose-k", k_key, ["k_selection.json"],
-        lambda: _write_json(run_dir / "k_selection.json", {"k": cfg.k, "rule": "given"} if cfg.k is not None else choose_k(lm, raw, val, cfg.k_grid, cfg, judge, log)),
+        lambda: _write_json(run_dir / "k_selection.json", {"k": cfg.k, "rule": "given"} if cfg.k is not None
+                            else choose_k(lm, raw, val, cfg.k_grid, cfg, get_judge(cfg.judge), log)),
         lambda: json.loads((run_dir / "k_selection.json").read_text()), log,
     )
-    k = k_info["k"]
-    delta = compose(raw, None, k)
     timings["choose_k"] = time.perf_counter() - clock
+    return BuiltEdit(compose(raw, None, k_info["k"]), raw, k_info["k"], k_info, masks, selected, contrasts,
+                     data, contrast_data, edit_key, timings)
 
-    # 5. export
+
+def build_control(cfg: RunConfig, run_dir: Path, lm: LoadedModel, built: BuiltEdit, kind: str, log: Log = print) -> tuple[Delta, dict]:
+    """The control edit ``kind`` (random: an equal-size random circuit; full: all parameters).
+
+    Trained with the same data and settings as ``built`` and scaled by the same k;
+    stored in ``run_dir/controls/KIND/delta.safetensors``. Returns (delta, description).
+    """
+    if kind == "random":
+        randoms = [random_circuit_like(c, cfg.seed + 1) for c in built.circuits]
+        masks = _union_masks([c.param_masks(lm.model) for c in randoms])
+        info = {"nodes": sorted(n for c in randoms for n in c.nodes)}
+    elif kind == "full":
+        masks, info = _all_masks(lm.model), {"nodes": "all parameters"}
+    else:
+        raise ValueError(f"unknown control {kind!r}")
+    info["params_touched"] = int(sum(int(m.sum()) for m in masks.values()))
+    sub = run_dir / "controls" / kind
+    sub.mkdir(parents=True, exist_ok=True)
+    key = {**built.edit_key, "control": kind, "k": built.k}
+    delta = run_stage(
+        sub, f"control-{kind}", key, ["delta.safetensors"],
+        lambda: _save_delta(sub / "delta.safetensors", compose(_train_delta(lm, masks, built.data, cfg, built.contrast_data, kind), None, built.k), key),
+        lambda: load_sparse(sub / "delta.safetensors")[0], log,
+    )
+    return delta, info
+
+
+def run_pipeline(cfg: RunConfig, run_dir: Path, log: Log = print) -> dict:
+    """Run (or resume) the whole job; returns the results written to ``results.json``."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    clock = time.perf_counter()
+    lm = load_model(cfg.model, cfg.device, cfg.dtype, cfg.trust_remote_code)
+    timings: dict[str, float] = {"load": time.perf_counter() - clock}
+    built = build_edit(cfg, run_dir, lm, log)
+    timings.update(built.timings)
+
     clock = time.perf_counter()
     manifest = {
-        "category": ",".join(cfg.category), "direction": cfg.direction, "k": k, "seed": cfg.seed, "variant": cfg.variant,
-        "circuit": {"selection": cfg.circuit, "nodes": sorted(set(n for c in selected for n in c.nodes)), "method": cfg.method},
+        "category": ",".join(cfg.category), "direction": cfg.direction, "k": built.k, "seed": cfg.seed, "variant": cfg.variant,
+        "circuit": {"selection": cfg.circuit, "nodes": built.circuit_nodes, "method": cfg.method},
     }
-    manifest = export_edit(lm, delta, run_dir, manifest)
+    manifest = export_edit(lm, built.delta, run_dir, manifest)
     timings["export"] = time.perf_counter() - clock
 
-    # 6. evaluate base and the exported checkpoint (loaded fresh, as users will)
+    # evaluate base and the exported checkpoint (loaded fresh, as users will)
     clock = time.perf_counter()
     eval_cfg = EvalConfig("test", cfg.judge, cfg.max_new_tokens, cfg.eval_batch_size, cfg.eval_limit, cfg.mmlu_n, seed=cfg.seed)
     sets = [_eval_source(name) for name in cfg.eval_prompts]
-    eval_key = {**base_key, "eval": vars(eval_cfg), "sets": cfg.eval_prompts}
+    eval_key = {"model_sha256": lm.weights_sha256, "seed": cfg.seed, "eval": vars(eval_cfg), "sets": cfg.eval_prompts}
     base_results = run_stage(
         run_dir, "eval-base", eval_key, ["results_base.json"],
         lambda: _write_json(run_dir / "results_base.json", evaluate_model(lm.model, lm.tokenizer, sets, eval_cfg, (lm.model, lm.tokenizer))),
@@ -201,27 +309,20 @@ def run_pipeline(cfg: RunConfig, run_dir: Path, log: Log = print) -> dict:
     edited_results = evaluate_model(edited.model, edited.tokenizer, sets, eval_cfg, (lm.model, lm.tokenizer))
     timings["evaluate"] = time.perf_counter() - clock
 
-    # 7. controls at equal size: random circuit, and unrestricted fine-tune
     controls = {}
     for control in cfg.controls:
         clock = time.perf_counter()
-        randoms = [random_circuit_like(c, cfg.seed + 1) for c in selected] if control == "random" else []
-        control_masks = _union_masks([c.param_masks(lm.model) for c in randoms]) if randoms else _all_masks(lm.model)
-        control_delta = compose(_train_delta(lm, control_masks, data, cfg, contrast, control), None, k)
+        delta, info = build_control(cfg, run_dir, lm, built, control, log)
         model = copy.deepcopy(lm.model)
-        apply_to_model(model, control_delta)
-        controls[control] = {
-            "params_touched": int(sum(int(m.sum()) for m in control_masks.values())),
-            "nodes": sorted(n for c in randoms for n in c.nodes) if randoms else "all parameters",
-            "results": evaluate_model(model, lm.tokenizer, sets, eval_cfg, (lm.model, lm.tokenizer), progress=True),
-        }
+        apply_to_model(model, delta)
+        controls[control] = {**info, "results": evaluate_model(model, lm.tokenizer, sets, eval_cfg, (lm.model, lm.tokenizer), progress=True)}
         timings[f"control_{control}"] = time.perf_counter() - clock
 
     results = {
         "meta": provenance(cfg.seed, cfg.model, lm.weights_sha256, config=cfg.model_dump(), timings=timings),
         "edit": {k_: v for k_, v in manifest.items() if k_ != "shapes"},
-        "k_selection": k_info,
-        "contrast": contrasts,
+        "k_selection": built.k_info,
+        "contrast": built.contrasts,
         "base": base_results,
         "edited": edited_results,
         "controls": controls,

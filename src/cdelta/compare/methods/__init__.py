@@ -1,0 +1,1 @@
+"""One module per compared method; each defines ``METHOD = cdelta.compare.Method(...)``."""
