@@ -9,6 +9,7 @@ from transformers import AutoModelForCausalLM
 from cdelta.config import RunConfig
 from cdelta.data.builtin import load_builtin
 from cdelta.edit.delta import load_sparse
+from cdelta.errors import CdeltaError
 from cdelta.models.loading import load_model
 from cdelta.pipeline import build_control, build_edit, off_target_cost, run_pipeline, selection_score
 
@@ -30,7 +31,7 @@ def test_run_is_deterministic_resumable_and_exports_drop_in_checkpoint(tiny_llam
 
     reused: list[str] = []
     run_pipeline(cfg, tmp_path / "a", log=reused.append)
-    assert any(m.startswith("edit: reusing") for m in reused)
+    assert any(m.startswith("edit-top_k:3: reusing") for m in reused)
     assert any(m.startswith("localize-cybercrime: reusing") for m in reused)
 
     edit = results["edit"]
@@ -75,3 +76,20 @@ def test_lift_learns_ablation_teacher_replies_and_keeps_controls(tiny_llama_dir,
     assert set(info["nodes"]) != set(built.circuit_nodes) and len(info["nodes"]) == len(built.circuit_nodes)
     assert (tmp_path / "controls" / "random" / "delta.safetensors").exists()
     assert any(v.abs().sum() > 0 for v in delta.values())
+
+
+def test_search_picks_size_and_k_and_is_recorded(tiny_llama_dir, tmp_path):
+    cfg = _config(tiny_llama_dir).model_copy(update={"search": True, "search_sizes": ["top_k:2", "top_k:4"], "search_trials": 3})
+    lm = load_model(str(tiny_llama_dir))
+    built = build_edit(cfg, tmp_path, lm, log=lambda m: None)
+    search = json.loads((tmp_path / "search.json").read_text())
+    chosen = next(t for t in search["trials"] if t["number"] == search["chosen"])
+    assert len(search["trials"]) == 3 and chosen["pareto"]
+    assert built.circuit == chosen["params"]["size"] in ("top_k:2", "top_k:4")
+    assert built.k == chosen["params"]["k"] and built.k_info["rule"] == "search"
+    assert len(built.circuit_nodes) == int(built.circuit.split(":")[1])
+    scaled = {name: built.raw[name] * built.k for name in built.raw}
+    for name, value in built.delta.items():
+        torch.testing.assert_close(value, scaled[name])
+    with pytest.raises(CdeltaError, match="direction refuse"):
+        build_edit(cfg.model_copy(update={"direction": "lift"}), tmp_path / "lift", lm, log=lambda m: None)

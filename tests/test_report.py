@@ -149,14 +149,14 @@ def _write_synthetic(run_dir: Path) -> dict:
              "random": {"seeds": [0, 1, 2, 3, 4], "mean": [0.0, 0.02, 0.05, 0.1, 0.2, 0.5], "sd": [0.05] * 6},
              "shuffled": {"recovered": [0.01, 0.03, 0.06, 0.12, 0.25, 0.55]}}
     (run_dir / "localize" / "cybercrime" / "faithfulness.json").write_text(json.dumps(curve))  # none for weapons
-    trials = [{"params": {"k": k, "params_fraction": f},
-               "values": {"target_refusal": min(1.0, 0.4 + 0.3 * k + 5 * f), "off_target_refusal": 0.02 * k + 2 * f, "kl": 0.01 * k}}
-              for k in (0.5, 1.0, 1.5) for f in (0.01, 0.02, 0.05)]
+    trials = [{"number": i, "params": {"size": f"params:{f}", "k": k}, "worst": "harmless",
+               "values": {"target_refusal": min(1.0, 0.4 + 0.3 * k + 5 * f), "off_target_rise": 0.02 * k + 2 * f, "kl": 0.01 * k}}
+              for i, (k, f) in enumerate((k, f) for k in (0.5, 1.0, 1.5) for f in (0.01, 0.02, 0.05))]
     for t in trials:
         v = t["values"]
-        t["pareto"] = not any(o["values"]["target_refusal"] >= v["target_refusal"] and o["values"]["off_target_refusal"] <= v["off_target_refusal"]
+        t["pareto"] = not any(o["values"]["target_refusal"] >= v["target_refusal"] and o["values"]["off_target_rise"] <= v["off_target_rise"]
                               and o["values"] != v for o in trials)
-        t["chosen"] = t["params"] == {"k": 1.0, "params_fraction": 0.02}
+        t["chosen"] = t["params"] == {"size": "params:0.02", "k": 1.0}
     (run_dir / "search.json").write_text(json.dumps({"trials": trials}))
     return results
 
@@ -255,8 +255,8 @@ def test_real_run_header_and_utility(real_run):
 def test_synthetic_report_uses_search_json_and_marks_missing_faithfulness(synthetic_run):
     text, _ = _page(synthetic_run)
     pareto = text.split('id="pareto"')[1].split("</section>")[0]
-    assert "search.json</code> (Pareto search): 9 trials" in pareto
-    assert '<tr class="chosen"><td>#4</td><td>k=1, params_fraction=0.02</td>' in pareto
+    assert "search over circuit size × k: 9 trials" in pareto
+    assert '<tr class="chosen"><td>#4</td><td>size=params:0.02, k=1</td>' in pareto
     faith = text.split('id="faithfulness"')[1].split("</section>")[0]
     assert "localize/weapons/faithfulness.json is absent" in faith
     assert "random circuit" in text and "full fine-tune" in text

@@ -28,6 +28,8 @@ class RunConfig(BaseModel):
     seed: int = Field(0, description="Random seed for splits, sampling, training and controls.")
     device: str = Field("cpu", description="auto, cpu, cuda or mps.")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device_map: Literal["auto"] | None = Field(None, description="auto: split a model too large for one GPU over all GPUs (overrides device).")
+    max_memory_mb: float | None = Field(None, gt=0, description="Working-memory budget of attribution in MB, on top of the weights (None: no bound).")
     trust_remote_code: bool = False
     # localize
     n_pairs: int = Field(32, ge=2, description="Clean/corrupted prompt pairs for EAP-IG.")
@@ -49,6 +51,10 @@ class RunConfig(BaseModel):
     retain_other: int = Field(24, ge=0, description="Retain prompts per other harmful category.")
     k: float | None = Field(None, description="Scale of ΔθC; None chooses it on the validation split from k_grid.")
     k_grid: list[float] = [1.0, 1.5, 2.0]
+    search: bool = Field(False, description="Choose circuit size and k by an Optuna multi-objective search on the validation split (docs/search.md).")
+    search_sizes: list[str] = Field(["params:0.005", "params:0.01", "params:0.02", "params:0.04"], description="Circuit sizes tried by the search.")
+    search_trials: int = Field(12, ge=1, description="Search trials in total (one training per size).")
+    k_range: list[float] = Field([0.5, 3.0], min_length=2, max_length=2, description="Range of k searched.")
     controls: list[Literal["random", "full"]] = Field([], description="Also edit an equal-size random circuit and/or all parameters.")
     # eval
     judge: str = "classifier"

@@ -27,7 +27,9 @@ def wilson_interval(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
     denom = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return (max(0.0, centre - half), min(1.0, centre + half))
+    low = 0.0 if k == 0 else max(0.0, centre - half)
+    high = 1.0 if k == n else min(1.0, centre + half)
+    return (min(low, p), max(high, p))
 
 
 @dataclass
@@ -65,10 +67,11 @@ def judge_generations(
     max_new_tokens: int = 48,
     batch_size: int = 16,
     progress: bool = True,
+    backend: str = "transformers",
 ) -> tuple[list[str], list[bool]]:
-    """Generate greedily for every prompt and judge each completion."""
+    """Generate greedily for every prompt (``cdelta.generation`` backend) and judge each completion."""
     completions = generate(
-        model, tokenizer, prompts.texts(), max_new_tokens, batch_size, progress, description=f"{prompts.name}"
+        model, tokenizer, prompts.texts(), max_new_tokens, batch_size, progress, description=f"{prompts.name}", backend=backend
     )
     refused = [judge.is_refusal(p.text, c) for p, c in zip(prompts, completions)]
     return completions, refused
@@ -169,6 +172,7 @@ class EvalConfig:
     ppl_chars: int = 20000
     kl_prompts: int = 64
     seed: int = 0
+    backend: str = "transformers"
 
 
 def evaluate_model(
@@ -193,7 +197,7 @@ def evaluate_model(
     for prompts in prompt_sets:
         chosen = limit_per_category(prompts.filter(split=config.split), config.limit_per_category, config.seed)
         completions, refused = judge_generations(
-            model, tokenizer, chosen, judge, config.max_new_tokens, config.batch_size, progress
+            model, tokenizer, chosen, judge, config.max_new_tokens, config.batch_size, progress, config.backend
         )
         stats[prompts.name] = refusal_stats(chosen, refused)
         generations[prompts.name] = [

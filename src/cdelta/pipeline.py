@@ -25,6 +25,7 @@ from cdelta.edit.data import own_reply_pairs, refusal_pairs, retain_prompts
 from cdelta.edit.delta import Delta, apply_to_model, compose, load_sparse, save_sparse
 from cdelta.edit.export import export_edit, write_model_card
 from cdelta.edit.train import EditData, masked_finetune
+from cdelta.errors import CdeltaError
 from cdelta.evaluate import EvalConfig, evaluate_model, judge_generations, limit_per_category, refusal_stats
 from cdelta.io import atomic_write_json, provenance
 from cdelta.models.loading import LoadedModel, load_model
@@ -114,7 +115,8 @@ def random_circuit_like(circuit, seed: int):
 class BuiltEdit:
     """ΔθC and what produced it: the output of ``build_edit``.
 
-    ``delta`` is already scaled by the chosen ``k``; ``raw`` is the unscaled one.
+    ``delta`` is already scaled by the chosen ``k``; ``raw`` is the unscaled one;
+    ``circuit`` is the selection spec used (``cfg.circuit``, or the search's pick).
     ``masks`` are the circuit's boolean parameter masks (name → tensor of the
     parameter's shape).
     """
@@ -129,6 +131,8 @@ class BuiltEdit:
     data: EditData
     contrast_data: EditData | None
     edit_key: dict
+    circuit: str
+    search: dict | None = None
     timings: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -189,7 +193,14 @@ def build_edit(cfg: RunConfig, run_dir: Path, lm: LoadedModel, log: Log = print,
         sub = run_dir / "localize" / category
         contrast = cfg.contrast
         if contrast == "auto":
-            contrast, contrasts[category] = choose_contrast(lm, prompts, category, cfg.n_pairs, cfg.seed)
+            path = sub / "contrast.json"
+            sub.mkdir(parents=True, exist_ok=True)
+            contrasts[category] = run_stage(
+                run_dir, f"contrast-{category}", {**base_key, "category": category, "n_pairs": cfg.n_pairs}, [f"localize/{category}/contrast.json"],
+                lambda: _write_json(path, choose_contrast(lm, prompts, category, cfg.n_pairs, cfg.seed)[1]),
+                lambda: json.loads(path.read_text()), log,
+            )
+            contrast = contrasts[category]["chosen"]
             log(f"{category}: contrast {contrast} (refusal gap to other harmful categories "
                 f"{contrasts[category]['harmful_gap']:.3f} ± {contrasts[category]['harmful_gap_se']:.3f} SE)")
         key = {**base_key, "category": category, "contrast": contrast, **cfg.model_dump(include={"n_pairs", "method", "ig_steps", "circuit", "faithfulness"})}
@@ -203,8 +214,6 @@ def build_edit(cfg: RunConfig, run_dir: Path, lm: LoadedModel, log: Log = print,
             )
         )
     timings["localize"] = time.perf_counter() - clock
-    selected = [c.select_spec(cfg.circuit, lm.model) for c in circuits]
-    masks = _union_masks([c.param_masks(lm.model) for c in selected])
 
     # 2. data: the base model's own replies to retain; target replies to learn
     clock = time.perf_counter()
@@ -224,31 +233,57 @@ def build_edit(cfg: RunConfig, run_dir: Path, lm: LoadedModel, log: Log = print,
         contrast_data = EditData(own, retain)
     timings["data"] = time.perf_counter() - clock
 
-    # 3. edit: circuit-restricted ΔθC (before scaling by k)
-    clock = time.perf_counter()
-    edit_fields = {"variant", "direction", "steps", "lr", "batch_size", "retain_weight", "first_token_weight", "circuit", "category"}
+    # 3. edit: circuit-restricted ΔθC (before scaling by k), one per circuit size tried
+    edit_fields = {"variant", "direction", "steps", "lr", "batch_size", "retain_weight", "first_token_weight", "category"}
     edit_key = {**base_key, "circuits": [file_digest(run_dir / "localize" / c / "circuit.json") for c in cfg.category],
                 "retain": file_digest(run_dir / "retain.json"), **cfg.model_dump(include=edit_fields)}
-    raw = run_stage(
-        run_dir, "edit", edit_key, ["delta_unscaled.safetensors"],
-        lambda: _save_delta(run_dir / "delta_unscaled.safetensors", _train_delta(lm, masks, data, cfg, contrast_data, "circuit"), edit_key),
-        lambda: load_sparse(run_dir / "delta_unscaled.safetensors")[0], log,
-    )
-    timings["edit"] = time.perf_counter() - clock
 
-    # 4. k on the validation split
+    def masks_for(size: str) -> tuple[list, dict[str, torch.Tensor]]:
+        selected = [c.select_spec(size, lm.model) for c in circuits]
+        return selected, _union_masks([c.param_masks(lm.model) for c in selected])
+
+    def train_for(size: str) -> Delta:
+        key = {**edit_key, "circuit": size}
+        name = "delta_unscaled.safetensors" if size == cfg.circuit else f"edits/{_slug(size)}.safetensors"
+        (run_dir / name).parent.mkdir(parents=True, exist_ok=True)
+        return run_stage(
+            run_dir, f"edit-{size}", key, [name],
+            lambda: _save_delta(run_dir / name, _train_delta(lm, masks_for(size)[1], data, cfg, contrast_data, f"circuit {size}"), key),
+            lambda: load_sparse(run_dir / name)[0], log,
+        )
+
+    # 4. circuit size and k on the validation split: Optuna search, or the k grid at cfg.circuit
     clock = time.perf_counter()
     val = validation_prompts(prompts, cfg.category, cfg.seed)
-    k_key = {**edit_key, "k": cfg.k, "k_grid": cfg.k_grid, "judge": cfg.judge}
-    k_info = run_stage(
-        run_dir, "choose-k", k_key, ["k_selection.json"],
-        lambda: _write_json(run_dir / "k_selection.json", {"k": cfg.k, "rule": "given"} if cfg.k is not None
-                            else choose_k(lm, raw, val, cfg.k_grid, cfg, get_judge(cfg.judge), log)),
-        lambda: json.loads((run_dir / "k_selection.json").read_text()), log,
-    )
-    timings["choose_k"] = time.perf_counter() - clock
+    judge = get_judge(cfg.judge)
+    search = None
+    if cfg.search:
+        from cdelta.edit.search import search_edit, validation_evaluator
+
+        if cfg.direction != "refuse":
+            raise CdeltaError("the circuit-size search optimizes refusal of the target (direction refuse) only",
+                              "set search = false for direction lift (k is then chosen on the k grid)")
+        evaluate = validation_evaluator(lm.model, lm.tokenizer, val, judge, cfg.category, cfg.eval_batch_size)
+        result = search_edit(train_for, evaluate, cfg.search_sizes, cfg.k_range, cfg.search_trials, cfg.seed, log,
+                             storage=run_dir / "search.db", context={"edit": fingerprint(edit_key), "direction": cfg.direction})
+        search = result.to_json()
+        _write_json(run_dir / "search.json", search)
+        size, k_info = result.size, {"k": result.k, "rule": "search", "size": result.size}
+        raw = train_for(size)
+    else:
+        size = cfg.circuit
+        k_key = {**edit_key, "circuit": size, "k": cfg.k, "k_grid": cfg.k_grid, "judge": cfg.judge}
+        raw = train_for(size)
+        k_info = run_stage(
+            run_dir, "choose-k", k_key, ["k_selection.json"],
+            lambda: _write_json(run_dir / "k_selection.json", {"k": cfg.k, "rule": "given"} if cfg.k is not None
+                                else choose_k(lm, raw, val, cfg.k_grid, cfg, judge, log)),
+            lambda: json.loads((run_dir / "k_selection.json").read_text()), log,
+        )
+    selected, masks = masks_for(size)
+    timings["edit_and_select"] = time.perf_counter() - clock
     return BuiltEdit(compose(raw, None, k_info["k"]), raw, k_info["k"], k_info, masks, selected, contrasts,
-                     data, contrast_data, edit_key, timings)
+                     data, contrast_data, {**edit_key, "circuit": size}, size, search, timings)
 
 
 def build_control(cfg: RunConfig, run_dir: Path, lm: LoadedModel, built: BuiltEdit, kind: str, log: Log = print) -> tuple[Delta, dict]:
@@ -290,7 +325,7 @@ def run_pipeline(cfg: RunConfig, run_dir: Path, log: Log = print) -> dict:
     clock = time.perf_counter()
     manifest = {
         "category": ",".join(cfg.category), "direction": cfg.direction, "k": built.k, "seed": cfg.seed, "variant": cfg.variant,
-        "circuit": {"selection": cfg.circuit, "nodes": built.circuit_nodes, "method": cfg.method},
+        "circuit": {"selection": built.circuit, "nodes": built.circuit_nodes, "method": cfg.method},
     }
     manifest = export_edit(lm, built.delta, run_dir, manifest)
     timings["export"] = time.perf_counter() - clock
@@ -322,6 +357,7 @@ def run_pipeline(cfg: RunConfig, run_dir: Path, log: Log = print) -> dict:
         "meta": provenance(cfg.seed, cfg.model, lm.weights_sha256, config=cfg.model_dump(), timings=timings),
         "edit": {k_: v for k_, v in manifest.items() if k_ != "shapes"},
         "k_selection": built.k_info,
+        **({"search": built.search} if built.search else {}),
         "contrast": built.contrasts,
         "base": base_results,
         "edited": edited_results,
@@ -359,6 +395,11 @@ def _union_masks(mask_sets: list[dict[str, torch.Tensor]]) -> dict[str, torch.Te
 def _all_masks(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Masks selecting every parameter (the unrestricted fine-tune control)."""
     return {name: torch.ones_like(p, dtype=torch.bool) for name, p in model.named_parameters()}
+
+
+def _slug(spec: str) -> str:
+    """A file-name-safe form of a selection spec (``params:0.02`` → ``params-0.02``)."""
+    return spec.replace(":", "-").replace("/", "_")
 
 
 def _write_json(path: Path, obj):

@@ -2,10 +2,10 @@
 
 ``write_report(run_dir)`` reads ``run_dir/results.json`` (plus, for a ``cdelta run``
 directory, ``localize/<category>/circuit.json``, ``localize/<category>/faithfulness.json``
-and ``search.json`` when present) and writes ``run_dir/report.html``. Every chart is drawn
-with matplotlib on an Agg canvas and embedded as a base64 PNG ``data:`` URI; the CSS is
-inline; there are no scripts and no ``http(s)`` links, so the file opens offline and can
-be mailed or archived as is.
+and ``search.json`` when present, unless ``results["search"]`` holds the search) and writes
+``run_dir/report.html``. Every chart is drawn with matplotlib on an Agg canvas and embedded
+as a base64 PNG ``data:`` URI; the CSS is inline; there are no scripts and no ``http(s)``
+links, so the file opens offline and can be mailed or archived as is.
 
 Sections (HTML ids): ``summary`` (run metadata), ``refusal`` (before/after per category
 and prompt set), ``utility`` (over-refusal and utility), ``circuit`` (heat map),
@@ -147,7 +147,7 @@ def load_run(path: Path) -> RunData:
             sub = run_dir / "localize" / category
             data.circuits[category] = Circuit.from_json(sub / "circuit.json") if (sub / "circuit.json").exists() else None
             data.faithfulness[category] = _read_json(sub / "faithfulness.json")
-        data.search = _read_json(run_dir / "search.json")
+        data.search = results.get("search") or _read_json(run_dir / "search.json")
     return data
 
 
@@ -370,7 +370,6 @@ class ParetoPoint:
     label: str
     chosen: bool = False
     pareto: bool | None = None
-    color_value: float | None = None
     details: dict = field(default_factory=dict)
 
 
@@ -403,31 +402,25 @@ def points_from_k_selection(k_selection: dict, targets: list[str]) -> list[Paret
 
 
 def points_from_search(search: dict) -> list[ParetoPoint]:
-    """One point per Optuna trial of ``search.json``: target vs off-target refusal, coloured by first-token KL."""
+    """One point per trial of a search (``edit.search.SearchResult.to_json()``): target refusal vs worst off-target rise."""
     points = []
     for i, trial in enumerate(search.get("trials") or []):
         values, params = trial.get("values") or {}, trial.get("params") or {}
         points.append(ParetoPoint(
-            x=float(values.get("off_target_refusal", float("nan"))), y=float(values.get("target_refusal", float("nan"))),
-            label=f"#{i}", chosen=bool(trial.get("chosen")), pareto=trial.get("pareto"),
-            color_value=values.get("kl") if _is_number(values.get("kl")) else None,
-            details={"params": ", ".join(f"{k}={v:g}" if _is_number(v) else f"{k}={v}" for k, v in params.items()), "values": values},
+            x=float(values.get("off_target_rise", float("nan"))), y=float(values.get("target_refusal", float("nan"))),
+            label=f"#{trial.get('number', i)}", chosen=bool(trial.get("chosen")), pareto=trial.get("pareto"),
+            details={"params": ", ".join(f"{k}={v:g}" if _is_number(v) else f"{k}={v}" for k, v in params.items()), "values": values,
+                     "worst": trial.get("worst")},
         ))
     return points
 
 
-def pareto_chart(points: list[ParetoPoint], xlabel: str, title: str, color_label: str | None = None) -> bytes:
+def pareto_chart(points: list[ParetoPoint], xlabel: str, title: str) -> bytes:
     """Scatter of all candidates, the Pareto front as a step line, the chosen point as a large star."""
     front = sorted(pareto_front(points), key=lambda p: (p.x, p.y))
     fig = _figure(6.4, 4.0)
     ax = fig.add_subplot(1, 1, 1)
-    colored = color_label is not None and any(p.color_value is not None for p in points)
-    if colored:
-        sc = ax.scatter([p.x for p in points], [p.y for p in points], c=[p.color_value if p.color_value is not None else 0.0 for p in points],
-                        cmap="viridis", s=28, zorder=2)
-        fig.colorbar(sc, ax=ax, label=color_label)
-    else:
-        ax.scatter([p.x for p in points], [p.y for p in points], color="#9e9e9e", s=28, zorder=2, label="candidate")
+    ax.scatter([p.x for p in points], [p.y for p in points], color="#9e9e9e", s=28, zorder=2, label="candidate")
     ax.step([p.x for p in front], [p.y for p in front], where="post", color="#d62728", lw=1.2, zorder=3, label="Pareto front")
     ax.scatter([p.x for p in front], [p.y for p in front], facecolors="none", edgecolors="#d62728", s=70, zorder=3)
     chosen = [p for p in points if p.chosen]
@@ -718,21 +711,25 @@ def section_faithfulness(data: RunData) -> str:
 
 
 def _search_block(search: dict) -> str:
-    """Pareto chart and table of the Optuna search in ``search.json``."""
+    """Pareto chart (``edit.search.plot_pareto``) and table of the size × k search (``results["search"]`` or ``search.json``)."""
+    from cdelta.edit.search import plot_pareto
+
     points = points_from_search(search)
     if not points:
-        return _note("search.json holds no trials.")
-    chart = pareto_chart(points, "off-target refusal (lower is better)", "Pareto search: target vs off-target refusal", "first-token KL (nats)")
+        return _note("The search holds no trials.")
+    chart = _png_from_file(lambda path: plot_pareto(search, path))
     front = pareto_front(points)
     on_front = {id(p) for p in front}
     shown = sorted([p for p in points if id(p) in on_front or p.chosen], key=lambda p: (p.x, -p.y))
     rows = [f'<tr class="{"chosen" if p.chosen else ""}"><td>{esc(p.label)}</td><td>{esc(p.details["params"])}</td><td>{pct(p.y)}</td>'
-            f'<td>{pct(p.x)}</td><td>{num(p.color_value)}</td><td>{"yes" if id(p) in on_front else "no"}</td><td>{"★" if p.chosen else ""}</td></tr>'
+            f'<td>{pct(p.x)} ({esc(p.details["worst"] or "–")})</td><td>{num(p.details["values"].get("kl"))}</td>'
+            f'<td>{"yes" if id(p) in on_front else "no"}</td><td>{"★" if p.chosen else ""}</td></tr>'
             for p in shown]
-    intro = _note(f"From <code>search.json</code> (Pareto search): {len(points)} trials, {len(front)} on the Pareto front; "
-                  "the table lists the front and the chosen trial.")
+    rule = f" Rule: {esc(search['rule'])}" if search.get("rule") else ""
+    intro = _note(f"From the Optuna search over circuit size × k: {len(points)} trials, {len(front)} on the Pareto front of "
+                  f"target refusal, worst off-target rise and first-token KL; the table lists the front and the chosen trial.{rule}")
     return (intro + img(chart, "Pareto front of the search") +
-            _table(["trial", "parameters", "target refusal", "off-target refusal", "first-token KL", "Pareto", "chosen"], rows, "pareto"))
+            _table(["trial", "parameters", "target refusal", "worst off-target rise", "first-token KL (nats)", "Pareto", "chosen"], rows, "pareto"))
 
 
 def _k_selection_block(k_selection: dict, targets: list[str]) -> str:
@@ -757,7 +754,9 @@ def section_pareto(data: RunData) -> str:
         "sections): up is more refusal of the target category, right is more refusal gained on prompts that should "
         "not change (other harmful categories, harmless, look-alike). The red step line is the Pareto front (no other "
         "candidate is both higher and further left); the star is the candidate the run chose. A chosen point far "
-        "right means the edit buys target refusal with collateral refusal.")]
+        "right means the edit buys target refusal with collateral refusal. In the circuit size × k search, colour is "
+        "the circuit size, marker area the first-token KL on harmless prompts, and black rings mark the Pareto front "
+        "over all three objectives (a ringed point may look dominated here when it wins on KL).")]
     if data.search is not None:
         blocks.append(_search_block(data.search))
     else:
