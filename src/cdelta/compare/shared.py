@@ -164,15 +164,18 @@ class CdeltaBuild(NamedTuple):
 def cdelta_build(context: MethodContext) -> CdeltaBuild:
     """Localize → edit → choose k for the target category, resumable in ``shared_dir/cdelta-run``.
 
-    The ``RunConfig`` is the defaults with this model, category and seed; any option whose
-    key is a ``RunConfig`` field (``steps``, ``circuit``, ``k``, ``judge``...) overrides it.
+    The ``RunConfig`` is the defaults (or the TOML file of the ``config`` option) with this
+    model, category and seed; any option whose key is a ``RunConfig`` field (``steps``,
+    ``circuit``, ``k``, ``judge``...) overrides it. The ``run_dir`` option resumes the
+    stages of an existing ``cdelta run`` directory made with the same settings.
     """
-    from cdelta.config import RunConfig, make_config
+    from cdelta.config import RunConfig, load_config_file, make_config
     from cdelta.pipeline import build_edit
 
     fields = {k: v for k, v in context.options.items() if k in RunConfig.model_fields}
-    cfg = make_config({}, {**fields, "model": context.lm.name, "category": [context.category], "seed": context.seed})
-    run_dir = shared_dir(context) / CDELTA_RUN_DIR
+    file_values = load_config_file(Path(context.options["config"])) if "config" in context.options else {}
+    cfg = make_config(file_values, {**fields, "model": context.lm.name, "category": [context.category], "seed": context.seed})
+    run_dir = Path(context.options["run_dir"]) if "run_dir" in context.options else shared_dir(context) / CDELTA_RUN_DIR
     started = time.perf_counter()
     built = build_edit(cfg, run_dir, context.lm, context.log, prompts=context.prompts)
     return CdeltaBuild(cfg, run_dir, built, time.perf_counter() - started)
