@@ -12,6 +12,11 @@ Parameter ownership (what the edit stage may train):
 * MLP of layer ``l`` (``L{l}.MLP``): all of ``gate_proj``/``up_proj``/``down_proj``
   (weights and biases if present).
 
+An *edge* circuit (``cdelta.circuits.edges.edge_circuit``) carries ``meta["edges"]``; its
+parameters are the finer components its edges touch (``meta["edges"]["components"]``, e.g.
+only ``L3.H2.q`` = head 2's q rows), not whole nodes. Re-selecting nodes (``select``,
+``with_nodes``) turns it back into a node circuit and drops ``meta["edges"]``.
+
 Selection ranks nodes by ``|score|`` by default (a node that strongly *suppresses*
 refusal is as much part of the mechanism as one that promotes it); ``by="signed"``
 ranks by the signed score (refusal-promoting first).
@@ -195,7 +200,7 @@ class Circuit:
             if model is None:
                 raise CdeltaError("a parameter-budget selection needs the model", "pass model=...")
             chosen = self._budget_select(model, ranked, float(value))
-        meta = dict(self.meta, selection={"kind": kind, "value": value, "by": by})
+        meta = dict(self._node_meta(), selection={"kind": kind, "value": value, "by": by})
         out = Circuit(self.n_layers, self.n_heads, self.scores, chosen, meta)
         if model is not None:
             out.meta.update(n_params=out.n_params(model), param_fraction=out.fraction(model))
@@ -206,7 +211,11 @@ class Circuit:
         unknown = [n for n in nodes if n not in self.scores]
         if unknown:
             raise CdeltaError(f"unknown nodes {unknown[:3]}", "use ids like L12.H3 or L12.MLP")
-        return Circuit(self.n_layers, self.n_heads, self.scores, list(nodes), dict(self.meta, selection=selection or {"kind": "explicit"}))
+        return Circuit(self.n_layers, self.n_heads, self.scores, list(nodes), dict(self._node_meta(), selection=selection or {"kind": "explicit"}))
+
+    def _node_meta(self) -> dict:
+        """``meta`` without the edge selection (for node-level re-selections)."""
+        return {k: v for k, v in self.meta.items() if k != "edges"}
 
     def select_spec(self, spec: str | dict, model: torch.nn.Module | None = None, by: str = "abs") -> Circuit:
         """``select`` from a spec string (``parse_selection``) or dict."""
@@ -249,13 +258,21 @@ class Circuit:
         params = dict(model.named_parameters())
         names = set(params)
         out: dict[str, set[Slice]] = {}
-        for node in self.nodes:
-            for name, (dim, start, stop) in node_param_slices(arch, node, names):
-                if name not in params:
-                    raise CdeltaError(f"parameter {name} not found in the model", "check the architecture naming in cdelta.models.architecture")
-                stop = params[name].shape[dim] if stop == -1 else stop
-                out.setdefault(name, set()).add((dim, start, stop))
+        for name, (dim, start, stop) in self._owned_slices(arch, names):
+            if name not in params:
+                raise CdeltaError(f"parameter {name} not found in the model", "check the architecture naming in cdelta.models.architecture")
+            stop = params[name].shape[dim] if stop == -1 else stop
+            out.setdefault(name, set()).add((dim, start, stop))
         return {name: sorted(slices) for name, slices in sorted(out.items())}
+
+    def _owned_slices(self, arch: Architecture, names: set[str]) -> list[tuple[str, Slice]]:
+        """``[(param_name, slice)]`` of the nodes, or of an edge circuit's components (may repeat)."""
+        components = self.meta.get("edges", {}).get("components")
+        if components is None:
+            return [s for node in self.nodes for s in node_param_slices(arch, node, names)]
+        from cdelta.circuits.edges import component_param_slices  # edges builds on this module
+
+        return [s for c in components for s in component_param_slices(arch, c, names)]
 
     def param_masks(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
         """``{param_name: bool tensor shaped like the parameter}``, True where the circuit owns the entry."""

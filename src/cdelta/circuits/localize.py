@@ -28,6 +28,7 @@ import torch
 
 from cdelta import __version__
 from cdelta.circuits import attribution as attr_mod
+from cdelta.circuits import edges as edges_mod
 from cdelta.circuits import faithfulness as faith_mod
 from cdelta.circuits.attribution import AttributionResult, attribute
 from cdelta.circuits.circuit import Circuit
@@ -57,9 +58,9 @@ class LocalizeResult:
     """
 
     circuit: Circuit
-    attribution: AttributionResult
+    attribution: AttributionResult | edges_mod.EdgeAttribution
     faithfulness: dict | None
-    shuffled: AttributionResult | None
+    shuffled: AttributionResult | edges_mod.EdgeAttribution | None
     pairs: list[tuple[str, str]]
     n_params: int
     param_fraction: float
@@ -159,23 +160,37 @@ def localize(
     selection: str | dict = DEFAULT_SELECTION,
     n_positions: int | str | None = "suffix",
     n_random: int = 5,
-    fractions: tuple[float, ...] = faith_mod.DEFAULT_FRACTIONS,
+    fractions: tuple[float, ...] | None = None,
     ablation: str = "patch",
     by: str = "abs",
     split: str = "train",
     edges: bool = False,
+    max_memory_mb: float | None = None,
 ) -> LocalizeResult:
     """Find the circuit carrying ``lm``'s refusal of ``category`` (see module docstring).
 
     Writes ``circuit.json``, ``heatmap.png`` and (with faithfulness) ``faithfulness.json``
     and ``faithfulness.png`` into ``out_dir`` when given. ``selection``: ``top_k:N``,
     ``top_frac:F``, ``threshold:S`` or ``params:F`` (fraction of model parameters).
+    ``edges=True``: score writer → reader edges instead (``cdelta.circuits.edges``); the
+    selection then counts edges, the faithfulness curve keeps edges (``fractions`` of all
+    edges, default ``EDGE_FRACTIONS``; node default ``DEFAULT_FRACTIONS``), and the heat map
+    shows each node's summed out-edge scores. ``max_memory_mb`` bounds node attribution's
+    working memory (``attribution.plan_batches``).
     Raises ``CdeltaError`` for an unknown category, contrast, method or metric.
     """
-    if method not in attr_mod.METHODS:
-        raise CdeltaError(f"unknown attribution method '{method}'", f"use one of: {', '.join(attr_mod.METHODS)}")
-    if edges:
-        raise CdeltaError("edge-level attribution (edges=True) is not implemented yet", "use node-level attribution (edges=False)")
+    methods = edges_mod.EDGE_METHODS if edges else attr_mod.METHODS
+    if method not in methods:
+        raise CdeltaError(f"unknown {'edge ' * edges}attribution method '{method}'", f"use one of: {', '.join(methods)}")
+    if edges and faithfulness and ablation != "patch":
+        raise CdeltaError(f"edge faithfulness supports only patch ablation, not '{ablation}'", "use ablation='patch'")
+    if fractions is None:
+        fractions = edges_mod.EDGE_FRACTIONS if edges else faith_mod.DEFAULT_FRACTIONS
+    if edges and max_memory_mb is not None:
+        raise CdeltaError("--max-memory-mb bounds node attribution only", "drop --max-memory-mb when using --edges")
+    run_attribution = edges_mod.attribute_edges if edges else attribute
+    bound = {} if edges else {"max_memory_mb": max_memory_mb}
+    count_passes = edges_mod.count_passes if edges else attr_mod.count_passes
     get_metric(metric, lm.tokenizer)  # validate early
     model, tok = lm.model, lm.tokenizer
     arch = architecture_of(model)
@@ -189,22 +204,25 @@ def localize(
     curve = None
     with bars.running():
         t = time.perf_counter()
-        result = attribute(
+        result = run_attribution(
             model, tok, clean, corrupt, method=method, steps=steps, metric=metric, batch_size=batch_size,
-            n_positions=n_positions, on_pass=bars.task(f"{method} attribution", attr_mod.count_passes(method, arch, n, batch_size, steps)),
+            n_positions=n_positions, on_pass=bars.task(f"{method} attribution", count_passes(method, arch, n, batch_size, steps)), **bound,
         )
         seconds["attribution"] = time.perf_counter() - t
         if faithfulness:
             t = time.perf_counter()
             s_clean, s_corrupt = shuffled_pairs(clean, corrupt, seed)
-            shuffled = attribute(
+            shuffled = run_attribution(
                 model, tok, s_clean, s_corrupt, method=method, steps=steps, metric=metric, batch_size=batch_size,
-                n_positions=n_positions, on_pass=bars.task("shuffled-label control", attr_mod.count_passes(method, arch, n, batch_size, steps)),
+                n_positions=n_positions, on_pass=bars.task("shuffled-label control", count_passes(method, arch, n, batch_size, steps)), **bound,
             )
             seconds["shuffled_attribution"] = time.perf_counter() - t
             t = time.perf_counter()
-            sizes = faith_mod.circuit_sizes(arch.n_layers * (arch.n_heads + 1), fractions)
-            curve = faith_mod.faithfulness_curve(
+            if edges:
+                sizes, curve_fn = edges_mod.edge_circuit_sizes(arch, fractions), edges_mod.edge_faithfulness_curve
+            else:
+                sizes, curve_fn = faith_mod.circuit_sizes(arch.n_layers * (arch.n_heads + 1), fractions), faith_mod.faithfulness_curve
+            curve = curve_fn(
                 model, tok, clean, corrupt, result.scores, shuffled_scores=shuffled.scores, fractions=fractions,
                 n_random=n_random, seed=seed, by=by, ablation=ablation, metric=metric, batch_size=batch_size,
                 n_positions=n_positions,
@@ -238,7 +256,10 @@ def localize(
         metric_gap_se=gap_se,
         cdelta_version=__version__,
     )
-    circuit = Circuit.from_scores(arch, result.node_scores(), **meta).select_spec(selection, model=model, by=by)
+    if edges:
+        circuit = edges_mod.edge_circuit(result, selection, model, by=by, **meta)
+    else:
+        circuit = Circuit.from_scores(arch, result.node_scores(), **meta).select_spec(selection, model=model, by=by)
     if curve is not None:
         circuit.meta["faithfulness_summary"] = {
             "fractions": curve["fractions"], "circuit": curve["circuit"]["recovered"],
@@ -254,8 +275,8 @@ def localize(
         out_dir.mkdir(parents=True, exist_ok=True)
         files["circuit"] = circuit.to_json(out_dir / "circuit.json")
         files["heatmap"] = plot_heatmap(
-            result.scores, out_dir / "heatmap.png", selected=circuit.mask_matrix(),
-            title=f"{lm.name}: {category} vs {contrast} ({method}, {result.steps} steps, {n} pairs)",
+            result.node_matrix() if edges else result.scores, out_dir / "heatmap.png", selected=circuit.mask_matrix(),
+            title=f"{lm.name}: {category} vs {contrast} ({method}{' edges' * edges}, {result.steps} steps, {n} pairs)",
         )
         if curve is not None:
             faith_json = dict(curve, category=category, contrast=contrast, method=method, steps=result.steps, seed=seed, model=lm.name,

@@ -66,8 +66,10 @@ def plot_heatmap(
 
 
 def plot_faithfulness(curve: dict, path: str | Path, title: str | None = None) -> Path:
-    """Recovered metric vs fraction of nodes: attributed circuit, random (mean ± sd), shuffled-label."""
-    x = np.array(curve["sizes"], dtype=float) / curve["n_nodes"]
+    """Recovered metric vs fraction of nodes (or of edges, ``curve["unit"] == "edges"``): attributed circuit, random (mean ± sd), shuffled-label."""
+    unit = curve.get("unit", "nodes")
+    total = curve["n_edges"] if unit == "edges" else curve["n_nodes"]
+    x = np.array(curve["sizes"], dtype=float) / total
     fig = _figure(6.0, 4.0)
     ax = fig.add_subplot(1, 1, 1)
     ax.axhline(1.0, color="grey", lw=0.8, ls=":")
@@ -81,7 +83,7 @@ def plot_faithfulness(curve: dict, path: str | Path, title: str | None = None) -
     ax.set_xscale("log")
     ax.set_xticks(x)
     ax.set_xticklabels([f"{100 * v:.0f}%" if v >= 0.01 else f"{100 * v:.1f}%" for v in x])
-    ax.set_xlabel(f"circuit size (fraction of {curve['n_nodes']} nodes)")
+    ax.set_xlabel(f"circuit size (fraction of {total} {unit})")
     if "gap_se" in curve:
         note = f"gap m(clean) - m(ablated) = {curve['gap']:.3f} ± {curve['gap_se']:.3f} (SE)"
         if not curve.get("gap_resolved", True):
