@@ -55,11 +55,22 @@ def export(lm: LoadedModel, delta: Delta, out_dir: str | Path, **manifest) -> di
     return export_edit(lm, delta, Path(out_dir), manifest)
 
 
-def evaluate(model: str | LoadedModel, prompts: list[str] | None = None, reference: str | LoadedModel | None = None, **settings) -> dict:
-    """Refusal per set and category with 95% intervals, plus utility (``EvalConfig`` fields as settings)."""
+def evaluate(
+    model: str | LoadedModel,
+    prompts: list[str] | None = None,
+    reference: str | LoadedModel | None = None,
+    *,
+    device: str = "cpu",
+    dtype: str = "float32",
+    device_map: str | None = None,
+    **settings,
+) -> dict:
+    """Refusal per set and category with 95% intervals, plus utility (``EvalConfig`` fields as settings,
+    e.g. ``backend="auto"`` for vLLM). ``device``/``dtype``/``device_map`` apply to models given by name."""
     from cdelta.data.registry import load_source
 
-    lm = load_model(model) if isinstance(model, str) else model
-    ref = load_model(reference) if isinstance(reference, str) else reference
+    placement = {"device": device, "dtype": dtype, "device_map": device_map}
+    lm = load_model(model, **placement) if isinstance(model, str) else model
+    ref = load_model(reference, **placement) if isinstance(reference, str) else reference
     sets = [load_source(name) for name in (prompts or ["builtin"])]
     return evaluate_model(lm.model, lm.tokenizer, sets, EvalConfig(**settings), (ref.model, ref.tokenizer) if ref else None)

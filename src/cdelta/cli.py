@@ -29,6 +29,7 @@ out = Console()
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Bundled model name, local HF directory, or hub id.")]
 DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")]
 DtypeOpt = Annotated[str, typer.Option(help="float32, bfloat16 or float16.")]
+DeviceMapOpt = Annotated[Optional[str], typer.Option(help="auto: split a model too large for one GPU over all GPUs (accelerate); overrides --device.")]
 SeedOpt = Annotated[int, typer.Option(help="Random seed (recorded in every output).")]
 TrustOpt = Annotated[bool, typer.Option("--trust-remote-code", help="Allow model repos to run their own code.")]
 
@@ -157,14 +158,17 @@ def eval_cmd(
     max_new_tokens: Annotated[int, typer.Option(help="Tokens generated per prompt (the judge reads the opening).")] = 48,
     batch_size: Annotated[int, typer.Option(help="Generation batch size.")] = 16,
     mmlu_n: Annotated[int, typer.Option(help="MMLU questions in the fixed sample (0 to skip).")] = 100,
+    backend: Annotated[str, typer.Option(help="Generation: auto (vLLM when installed and a GPU is present), transformers or vllm.")] = "auto",
     seed: SeedOpt = 0,
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "float32",
+    device_map: DeviceMapOpt = None,
     trust_remote_code: TrustOpt = False,
 ) -> None:
     """Refusal per prompt set and category (Wilson 95% CI), over-refusal, and utility."""
     from cdelta.data.registry import load_source
     from cdelta.evaluate import EvalConfig, evaluate_model
+    from cdelta.generation import resolve_backend
     from cdelta.io import atomic_write_json, provenance
     from cdelta.judge import get_judge
     from cdelta.models.loading import load_model
@@ -174,9 +178,9 @@ def eval_cmd(
     sets = [load_source(name) for name in (prompts or ["builtin"])]
     if split not in ("train", "val", "test"):
         raise CdeltaError(f"unknown split '{split}'", "use train, val or test")
-    config = EvalConfig(split, judge, max_new_tokens, batch_size, limit_per_category, mmlu_n, seed=seed)
-    lm = load_model(model, device, dtype, trust_remote_code)
-    ref = load_model(reference, device, dtype, trust_remote_code) if reference else None
+    config = EvalConfig(split, judge, max_new_tokens, batch_size, limit_per_category, mmlu_n, seed=seed, backend=resolve_backend(backend))
+    lm = load_model(model, device, dtype, trust_remote_code, device_map=device_map)
+    ref = load_model(reference, device, dtype, trust_remote_code, device_map=device_map) if reference else None
     result = evaluate_model(lm.model, lm.tokenizer, sets, config, (ref.model, ref.tokenizer) if ref else None)
     result["meta"] = provenance(
         seed, model, lm.weights_sha256, config=vars(config), prompts=[s.name for s in sets],
@@ -200,9 +204,12 @@ def localize_cmd(
     contrast: Annotated[str, typer.Option(help="Corrupted prompts: harmful (other categories) or harmless.")] = "harmful",
     selection: Annotated[str, typer.Option(help="top_k:N, top_frac:F, threshold:S or params:F (fraction of parameters).")] = "params:0.02",
     faithfulness: Annotated[bool, typer.Option(help="Measure the faithfulness curve vs random and shuffled-label circuits.")] = True,
+    edges: Annotated[bool, typer.Option("--edges", help="Score writer→reader edges (q/k/v inputs separately; methods eap-ig, eap, exact); selection counts edges.")] = False,
+    max_memory_mb: Annotated[Optional[float], typer.Option(help="Working-memory budget of attribution in MB (on top of the weights): fewer pairs per batch.")] = None,
     seed: SeedOpt = 0,
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "float32",
+    device_map: DeviceMapOpt = None,
     trust_remote_code: TrustOpt = False,
 ) -> None:
     """Find the category's refusal circuit with EAP-IG and check its faithfulness."""
@@ -211,11 +218,13 @@ def localize_cmd(
     from cdelta.models.loading import load_model
 
     _quiet_libraries()
-    lm = load_model(model, device, dtype, trust_remote_code)
+    lm = load_model(model, device, dtype, trust_remote_code, device_map=device_map)
     result = localize(lm, category, load_builtin(), contrast=contrast, n_pairs=n_pairs, method=method, steps=steps,
-                      seed=seed, out_dir=out_dir, faithfulness=faithfulness, selection=selection)
+                      seed=seed, out_dir=out_dir, faithfulness=faithfulness, selection=selection, edges=edges,
+                      max_memory_mb=max_memory_mb)
     circuit = result.circuit
-    out.print(f"circuit: {len(circuit.heads())} heads, {len(circuit.mlps())} MLPs, "
+    n_edges = f"{circuit.meta['edges']['n_selected']:,} edges → " if edges else ""
+    out.print(f"circuit: {n_edges}{len(circuit.heads())} heads, {len(circuit.mlps())} MLPs, "
               f"{result.n_params:,} parameters ({result.param_fraction:.3%} of the model)")
     if result.faithfulness:
         _print_faithfulness(result.faithfulness)
@@ -226,7 +235,7 @@ def localize_cmd(
 
 def _print_faithfulness(curve: dict) -> None:
     """Metric recovered per circuit size: attributed circuit vs random (mean ± sd) vs shuffled labels."""
-    table = Table("nodes", "fraction", "circuit", "random mean ± sd", "shuffled")
+    table = Table(curve.get("unit", "nodes"), "fraction", "circuit", "random mean ± sd", "shuffled")
     shuffled = (curve.get("shuffled") or {}).get("recovered")
     for i, (size, fraction) in enumerate(zip(curve["sizes"], curve["fractions"])):
         table.add_row(
@@ -248,11 +257,15 @@ def run_cmd(
     variant: Annotated[Optional[str], typer.Option(help="direct or contrastive.")] = None,
     steps: Annotated[Optional[int], typer.Option(help="Fine-tune steps.")] = None,
     k: Annotated[Optional[float], typer.Option(help="Scale of the update (default: chosen on the validation split).")] = None,
+    search: Annotated[Optional[bool], typer.Option("--search/--no-search", help="Choose circuit size and k by an Optuna search on the validation split.")] = None,
+    search_trials: Annotated[Optional[int], typer.Option(help="Trials of --search in total.")] = None,
     controls: Annotated[Optional[str], typer.Option(help="Comma-separated controls: random, full.")] = None,
     n_pairs: Annotated[Optional[int], typer.Option(help="Prompt pairs for EAP-IG.")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Random seed.")] = None,
     device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda or mps.")] = None,
     dtype: Annotated[Optional[str], typer.Option(help="float32, bfloat16 or float16.")] = None,
+    device_map: DeviceMapOpt = None,
+    max_memory_mb: Annotated[Optional[float], typer.Option(help="Working-memory budget of attribution in MB (on top of the weights).")] = None,
     trust_remote_code: Annotated[Optional[bool], typer.Option("--trust-remote-code", help="Allow model repos to run their own code.")] = None,
 ) -> None:
     """The main job: localize the category's refusal circuit, edit it, export, and evaluate before/after."""
@@ -262,8 +275,8 @@ def run_cmd(
     _quiet_libraries()
     overrides = dict(
         model=model, category=category.split(",") if category else None, direction=direction, circuit=circuit, variant=variant, steps=steps,
-        k=k, controls=controls.split(",") if controls else None, n_pairs=n_pairs, seed=seed, device=device,
-        dtype=dtype, trust_remote_code=trust_remote_code,
+        k=k, search=search, search_trials=search_trials, controls=controls.split(",") if controls else None, n_pairs=n_pairs, seed=seed, device=device,
+        dtype=dtype, device_map=device_map, max_memory_mb=max_memory_mb, trust_remote_code=trust_remote_code,
     )
     cfg = make_config(load_config_file(config) if config else {}, overrides)
     log = _run_logger(out_dir / "run.log")
@@ -316,6 +329,61 @@ def report_cmd(run_dir: Annotated[Path, typer.Argument(help="Run directory (or a
     from cdelta.report import write_report
 
     out.print(f"wrote {write_report(run_dir)}")
+
+
+def _parse_options(pairs: list[str]) -> dict:
+    """``KEY=VALUE`` strings to a dict; values are JSON when they parse (numbers, lists, objects), else strings."""
+    import json
+
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise CdeltaError(f"--option {pair!r} is not KEY=VALUE", "write e.g. --option alpha=2 or --option steps=60")
+        try:
+            options[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key.strip()] = value
+    return options
+
+
+@app.command("compare")
+def compare_cmd(
+    model: ModelOpt = "smollm2-135m",
+    category: Annotated[str, typer.Option(help="Target harm category.")] = "cybercrime",
+    methods: Annotated[str, typer.Option(help="Comma-separated methods, or 'all' (the base is always included).")] = "base,cast,actadd,ablation,cdelta,cdelta-random",
+    out_dir: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output directory (default runs/compare-MODEL-CATEGORY); rows resume from it.")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens generated per test prompt (and per throughput run).")] = 32,
+    limit_per_category: Annotated[Optional[int], typer.Option(help="Evaluate at most N test prompts per category.")] = None,
+    mmlu_n: Annotated[int, typer.Option(help="MMLU questions in the fixed sample (0 to skip).")] = 100,
+    refit: Annotated[bool, typer.Option("--refit", help="Refit every method and re-evaluate, ignoring cached rows and artifacts.")] = False,
+    option: Annotated[Optional[list[str]], typer.Option("--option", help="KEY=VALUE passed to every method (repeatable).")] = None,
+    seed: SeedOpt = 0,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "float32",
+    device_map: DeviceMapOpt = None,
+) -> None:
+    """Fit every method on one model and category and evaluate them the same way on the test split."""
+    from cdelta.compare.report import transposed_table
+    from cdelta.compare.run import check_category, compare, resolve_methods
+    from cdelta.evaluate import EvalConfig
+    from cdelta.models.loading import load_model
+
+    _quiet_libraries()
+    names = methods.split(",")
+    resolve_methods(names)
+    check_category(category)
+    options = _parse_options(option or [])
+    out_dir = out_dir or Path("runs") / f"compare-{Path(model).name}-{category}"
+    log = _run_logger(out_dir / "compare.log")
+    config = EvalConfig("test", max_new_tokens=max_new_tokens, limit_per_category=limit_per_category, mmlu_n=mmlu_n, seed=seed)
+    result = compare(load_model(model, device, dtype, device_map=device_map), category, names, out_dir, seed, config, refit, log, options)
+    header, rows = transposed_table(result)
+    table = Table(*header)
+    for row in rows:
+        table.add_row(*row)
+    out.print(table)
+    out.print(f"wrote {out_dir}/compare.json, compare.md (full table and per-category rates), compare.html")
 
 
 def main() -> None:

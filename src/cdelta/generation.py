@@ -1,11 +1,45 @@
-"""Batched, deterministic greedy generation through the model's chat template."""
+"""Batched, deterministic greedy generation through the model's chat template.
+
+Two backends give the same output (one completion string per prompt, in input order):
+
+* ``transformers`` (default): ``model.generate`` on the loaded module, batched by length.
+* ``vllm``: the optional fast engine (``pip install 'cdelta[vllm]'``, CUDA only). vLLM
+  loads the weights itself from the model's directory (``model.name_or_path``), so it is
+  only right for a model evaluated exactly as it was loaded, e.g. ``cdelta eval`` of an
+  exported checkpoint, never for a model edited in memory. Untested here (no GPU).
+
+``auto`` picks vLLM when it is installed and a CUDA GPU is visible, else transformers.
+"""
 
 from __future__ import annotations
 
+import importlib.util
+from functools import lru_cache
+from pathlib import Path
+
 import torch
+
+from cdelta.errors import CdeltaError
+from cdelta.models.chat import encode_chat, format_chat
 from cdelta.ui import progress_bar
 
-from cdelta.models.chat import encode_chat
+BACKENDS = ("transformers", "vllm", "auto")
+
+
+def vllm_usable() -> bool:
+    """True when the vllm package is importable and a CUDA GPU is visible."""
+    return importlib.util.find_spec("vllm") is not None and torch.cuda.is_available()
+
+
+def resolve_backend(backend: str) -> str:
+    """``transformers`` or ``vllm`` for a requested backend (``auto`` falls back to transformers)."""
+    if backend not in BACKENDS:
+        raise CdeltaError(f"unknown generation backend '{backend}'", f"use one of: {', '.join(BACKENDS)}")
+    if backend == "vllm" and not vllm_usable():
+        raise CdeltaError("the vllm backend needs the vllm package and a CUDA GPU", "pip install 'cdelta[vllm]' on a GPU machine, or use --backend transformers")
+    if backend == "auto":
+        return "vllm" if vllm_usable() else "transformers"
+    return backend
 
 
 def generate(
@@ -16,12 +50,16 @@ def generate(
     batch_size: int = 16,
     progress: bool = True,
     description: str = "generating",
+    backend: str = "transformers",
 ) -> list[str]:
     """Greedy completions for ``prompts``, returned in input order.
 
     Prompts are batched by tokenized length (left padding) to reduce padding;
-    decoding stops at EOS or after ``max_new_tokens`` new tokens.
+    decoding stops at EOS or after ``max_new_tokens`` new tokens. ``backend``: see the
+    module docstring.
     """
+    if resolve_backend(backend) == "vllm":
+        return _vllm_generate(model, tokenizer, prompts, max_new_tokens)
     device = next(model.parameters()).device
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     completions: list[str] = [""] * len(prompts)
@@ -45,3 +83,33 @@ def generate(
                 completions[i] = text.strip()
             bar.advance(task, len(index))
     return completions
+
+
+def _model_dir(model: torch.nn.Module) -> Path:
+    """The directory ``model`` was loaded from (vLLM reads the weights there)."""
+    path = Path(getattr(model, "name_or_path", "") or "")
+    if not (path / "config.json").is_file():
+        raise CdeltaError(
+            "the vllm backend needs a model loaded from a local directory (it reads the weights itself)",
+            "export the edited model first (cdelta run writes checkpoint/), or use --backend transformers",
+        )
+    return path
+
+
+@lru_cache(maxsize=1)
+def _vllm_engine(path: str, dtype: str):
+    """One cached vLLM engine (building it loads the weights onto the GPU)."""
+    from vllm import LLM
+
+    return LLM(model=path, dtype=dtype, seed=0)
+
+
+def _vllm_generate(model: torch.nn.Module, tokenizer, prompts: list[str], max_new_tokens: int) -> list[str]:
+    """Greedy completions with vLLM, from the same chat-formatted token ids as ``encode_chat``."""
+    from vllm import SamplingParams
+
+    engine = _vllm_engine(str(_model_dir(model)), str(next(model.parameters()).dtype).removeprefix("torch."))
+    token_ids = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in format_chat(tokenizer, prompts)]
+    params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens, skip_special_tokens=True)
+    outputs = engine.generate([{"prompt_token_ids": ids} for ids in token_ids], params, use_tqdm=False)
+    return [out.outputs[0].text.strip() for out in outputs]

@@ -209,7 +209,7 @@ def build_edit(cfg: RunConfig, run_dir: Path, lm: LoadedModel, log: Log = print,
                 run_dir, f"localize-{category}", key, [f"localize/{category}/circuit.json"],
                 lambda: localize(lm, category, prompts, contrast=contrast, n_pairs=cfg.n_pairs, method=cfg.method,
                                  steps=cfg.ig_steps, seed=cfg.seed, out_dir=sub, selection=cfg.circuit,
-                                 faithfulness=cfg.faithfulness).circuit,
+                                 faithfulness=cfg.faithfulness, max_memory_mb=cfg.max_memory_mb).circuit,
                 lambda: Circuit.from_json(sub / "circuit.json"), log,
             )
         )
@@ -317,7 +317,7 @@ def run_pipeline(cfg: RunConfig, run_dir: Path, log: Log = print) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     clock = time.perf_counter()
-    lm = load_model(cfg.model, cfg.device, cfg.dtype, cfg.trust_remote_code)
+    lm = load_model(cfg.model, cfg.device, cfg.dtype, cfg.trust_remote_code, device_map=cfg.device_map)
     timings: dict[str, float] = {"load": time.perf_counter() - clock}
     built = build_edit(cfg, run_dir, lm, log)
     timings.update(built.timings)
@@ -340,7 +340,7 @@ def run_pipeline(cfg: RunConfig, run_dir: Path, log: Log = print) -> dict:
         lambda: _write_json(run_dir / "results_base.json", evaluate_model(lm.model, lm.tokenizer, sets, eval_cfg, (lm.model, lm.tokenizer))),
         lambda: json.loads((run_dir / "results_base.json").read_text()), log,
     )
-    edited = load_model(str(run_dir / "checkpoint"), cfg.device, cfg.dtype)
+    edited = load_model(str(run_dir / "checkpoint"), cfg.device, cfg.dtype, device_map=cfg.device_map)
     edited_results = evaluate_model(edited.model, edited.tokenizer, sets, eval_cfg, (lm.model, lm.tokenizer))
     timings["evaluate"] = time.perf_counter() - clock
 

@@ -87,6 +87,10 @@ Positions before the window are identical in every run, so their keys/values are
 computed once per batch (a prefix KV cache) and all interventions only run the last
 ``max window`` positions. Parameters are frozen during attribution (no weight gradients);
 gradients are taken with ``torch.autograd.grad`` on the hooked node tensors.
+
+Memory: node activations are only ever held for the window positions of one batch
+(the corrupted run also goes through a prefix cache), IG steps run one after another,
+and ``max_memory_mb`` caps the pairs per batch by the estimate ``batch_memory_bytes``.
 """
 
 from __future__ import annotations
@@ -175,7 +179,7 @@ def align_to_clean(clean: torch.Tensor, corrupt: torch.Tensor, window: torch.Ten
     s_c, s_k = clean.shape[1], corrupt.shape[1]
     m = min(s_c, s_k)
     out = clean.clone()
-    out[:, s_c - m :] = replace_where(clean[:, s_c - m :], window[:, s_c - m :], corrupt[:, s_k - m :])
+    out[:, s_c - m :] = replace_where(clean[:, s_c - m :], window[:, s_c - m :].to(clean.device), corrupt[:, s_k - m :])
     return out
 
 
@@ -275,15 +279,19 @@ def prepare_pair_batch(
     seq = clean.input_ids.shape[1]
     span = max(int(full_window.sum(1).max()), min(metric.logits_to_keep, seq))
     cut = seq - span
-    cache = None
-    if cut > 0:
-        cache = model(input_ids=clean.input_ids[:, :cut], attention_mask=clean.attention_mask[:, :cut], use_cache=True).past_key_values
+    cache = _prefix_cache(model, clean, cut)
     window = full_window[:, cut:]
     rec_c, rec_k = Recorder(), Recorder()
     keep = min(metric.logits_to_keep, span)
     logits = run_with_handler(model, arch, clean.input_ids[:, cut:], clean.attention_mask, keep, rec_c, past_key_values=cache)
     m_clean = metric(logits, clean)
-    logits = run_with_handler(model, arch, corrupt.input_ids, corrupt.attention_mask, metric.logits_to_keep, rec_k)
+    # the corrupted run is recorded on its last positions only (what align_to_clean reads)
+    seq_k = corrupt.input_ids.shape[1]
+    cut_k = seq_k - min(seq_k, max(span, metric.logits_to_keep))
+    logits = run_with_handler(
+        model, arch, corrupt.input_ids[:, cut_k:], corrupt.attention_mask, metric.logits_to_keep, rec_k,
+        past_key_values=_prefix_cache(model, corrupt, cut_k),
+    )
     m_corrupt = metric(logits, corrupt)
     target = {site: align_to_clean(rec_c.acts[site], rec_k.acts[site], window) for site in rec_c.acts}
     return PairBatch(
@@ -292,15 +300,104 @@ def prepare_pair_batch(
     )
 
 
+def _prefix_cache(model, encoded: Encoded, cut: int):
+    """KV cache of positions ``[0, cut)`` (None when ``cut`` is 0); no activations nor logits are kept."""
+    if cut <= 0:
+        return None
+    ids, mask = encoded.input_ids[:, :cut], encoded.attention_mask[:, :cut]
+    return model(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1).past_key_values
+
+
 def iter_pair_batches(
-    model, arch, tokenizer, metric, clean: list[str], corrupt: list[str], batch_size: int, n_positions: int | str | None
+    model, arch, tokenizer, metric, clean: list[str], corrupt: list[str], batch_size: int, n_positions: int | str | None,
+    max_memory_mb: float | None = None,
 ) -> Iterator[tuple[list[int], PairBatch]]:
-    """Batches of pairs sorted by clean length (less padding); yields (original indices, batch)."""
+    """Batches of pairs sorted by clean length (less padding); yields (original indices, batch).
+
+    With ``max_memory_mb``, a batch holds at most as many pairs as fit that budget
+    (``plan_batches``); each batch's scores do not depend on how pairs are grouped.
+    """
+    for idx in plan_batches(model, arch, tokenizer, metric, clean, corrupt, batch_size, n_positions, max_memory_mb):
+        yield idx, prepare_pair_batch(model, arch, tokenizer, metric, [clean[i] for i in idx], [corrupt[i] for i in idx], n_positions)
+
+
+# ----------------------------------------------------------------------------- memory bound
+
+ACT_WIDTHS = (12, 4)
+"""Per layer and position, autograd keeps about ``12 · d_model + 4 · d_mlp`` values of one
+forward pass for the backward (norm inputs, q/k/v, attention output, residuals; MLP gate,
+up, activation and product)."""
+
+
+def batch_memory_bytes(arch: Architecture, vocab: int, rows: int, seq: int, span: int, keep: int, dtype_bytes: int) -> int:
+    """Estimated peak bytes of EAP/EAP-IG on one batch, on top of the model's weights.
+
+    ``rows`` input rows of ``seq`` tokens, of which the last ``span`` are run with hooks
+    (the window; earlier positions live only in the KV cache). Terms: node activations
+    on the window (clean, corrupted target, the interpolated values kept for gradients,
+    and their gradients: 4 copies of ``[rows, span, n_layers, n_heads·head_dim + d_model]``),
+    keys and values over all ``seq`` positions (the cache, its per-pass copy, and the copy
+    repeated to every query head that attention saves for the backward), the activations
+    autograd saves over the window (``ACT_WIDTHS``) and attention weights
+    ``[rows, n_heads, span, seq]`` per layer, and float32 logits ``[rows, keep, vocab]``
+    with their log-softmax and gradient. IG steps run one at a time, so the step count
+    does not enter. On SmolLM2-135M (1-8 pairs, suffix and all positions) the measured
+    peak was 0.92-1.0 of this estimate; bench/scaling.py compares them on both bundled models.
+    """
+    layers = arch.n_layers
+    nodes = 4 * rows * span * layers * (arch.n_heads * arch.head_dim + arch.d_model) * dtype_bytes
+    kv = rows * seq * layers * 2 * arch.head_dim * (2 * arch.n_kv_heads + arch.n_heads) * dtype_bytes
+    saved = rows * span * layers * (ACT_WIDTHS[0] * arch.d_model + ACT_WIDTHS[1] * arch.d_mlp) * dtype_bytes
+    attn = rows * arch.n_heads * span * seq * layers * dtype_bytes
+    logits = 3 * rows * keep * vocab * 4
+    return nodes + kv + saved + attn + logits
+
+
+def plan_batches(
+    model, arch: Architecture, tokenizer, metric: Metric, clean: list[str], corrupt: list[str], batch_size: int,
+    n_positions: int | str | None, max_memory_mb: float | None = None,
+) -> list[list[int]]:
+    """Pair indices per batch: sorted by clean length, ``batch_size`` at most, and (with
+    ``max_memory_mb``) no more pairs than ``batch_memory_bytes`` allows in that budget."""
     lengths = [len(t) for t in format_chat(tokenizer, clean)]
     order = sorted(range(len(clean)), key=lambda i: (lengths[i], i))
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        yield idx, prepare_pair_batch(model, arch, tokenizer, metric, [clean[i] for i in idx], [corrupt[i] for i in idx], n_positions)
+    if max_memory_mb is None:
+        return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+    budget = max_memory_mb * 2**20
+    cost = pair_batch_cost(model, arch, tokenizer, metric, clean, corrupt, n_positions)
+    batches: list[list[int]] = []
+    for i in order:
+        if batches and len(batches[-1]) < batch_size and cost(batches[-1] + [i]) <= budget:
+            batches[-1].append(i)
+            continue
+        if cost([i]) > budget:
+            raise CdeltaError(
+                f"one prompt pair needs about {cost([i]) / 2**20:.0f} MB for attribution, above the {max_memory_mb:g} MB budget",
+                f"raise --max-memory-mb to at least {cost([i]) / 2**20:.0f}, or use fewer positions (n_positions='suffix')",
+            )
+        batches.append([i])
+    return batches
+
+
+def pair_batch_cost(model, arch: Architecture, tokenizer, metric: Metric, clean: list[str], corrupt: list[str], n_positions):
+    """``cost(pair indices) -> bytes`` (``batch_memory_bytes``) from each pair's token counts and window."""
+    enc_c, enc_k = metric.encode(tokenizer, clean), metric.encode(tokenizer, corrupt)
+    width = windows(enc_c, enc_k, template_prefix_len(tokenizer), template_suffix_len(tokenizer), n_positions).sum(1)
+    row_example = enc_c.row_example.tolist()
+    rows_per_pair = len(row_example) // len(clean)
+    seq_c, seq_k = enc_c.lengths.tolist(), enc_k.lengths.tolist()
+    dtype_bytes = next(model.parameters()).element_size()
+    vocab = model.get_output_embeddings().weight.shape[0]
+
+    def cost(idx: list[int]) -> int:
+        chosen = set(idx)
+        rows = [r for r, e in enumerate(row_example) if e in chosen]
+        seq = max(max(seq_c[r], seq_k[r]) for r in rows)
+        keep = min(metric.logits_to_keep, seq)
+        span = max(max(int(width[r]) for r in rows), keep)
+        return batch_memory_bytes(arch, vocab, rows_per_pair * len(idx), seq, span, keep, dtype_bytes)
+
+    return cost
 
 
 def _site_contribution(pb: PairBatch, site: Site, grad: torch.Tensor) -> torch.Tensor:
@@ -310,7 +407,8 @@ def _site_contribution(pb: PairBatch, site: Site, grad: torch.Tensor) -> torch.T
     """
     delta = pb.clean_acts[site] - pb.target[site]
     prod = (delta.double() * grad.double()).sum(-1)  # [rows, seq(, heads)]
-    mask = pb.window if prod.dim() == 2 else pb.window[..., None]
+    window = pb.window.to(prod.device)
+    mask = window if prod.dim() == 2 else window[..., None]
     prod = torch.where(mask, prod, torch.zeros((), dtype=prod.dtype, device=prod.device))
     return pb.to_examples(prod.sum(1))
 
@@ -405,7 +503,7 @@ def patch_metric(model, arch, pb: PairBatch, patch: dict[Site, torch.Tensor | No
     def handler(site, act):
         if site not in patch:
             return act
-        mask = pb.window
+        mask = pb.window.to(act.device)
         heads = patch[site]
         if heads is not None:
             mask = mask[:, :, None] & heads.view(1, 1, -1).to(act.device)
@@ -451,7 +549,7 @@ def patch_metrics(
         sources = {site: source[site].repeat_interleave(k, dim=0) for site in masks}
 
         def handler(site, act, masks=masks, sources=sources):
-            return replace_where(act, masks[site], sources[site]) if site in masks else act
+            return replace_where(act, masks[site].to(act.device), sources[site]) if site in masks else act
 
         cache = None
         if pb.prefix_cache is not None:
@@ -530,13 +628,17 @@ def attribute(
     edges: bool = False,
     on_pass: OnPass = None,
     exact_rows: int = 64,
+    max_memory_mb: float | None = None,
 ) -> AttributionResult:
     """Score every node for the clean-vs-corrupted refusal difference (see module docstring).
 
     ``clean[i]`` is paired with ``corrupt[i]``. Deterministic: no sampling happens here.
+    ``max_memory_mb`` bounds the working memory on top of the weights: pairs are split into
+    smaller batches (``plan_batches``), IG steps run one at a time, only the window's
+    positions are ever recorded, and ``exact`` does not replicate rows beyond a batch.
     """
     if edges:
-        raise CdeltaError("edge-level attribution (edges=True) is not implemented yet", "use node-level attribution (edges=False)")
+        raise CdeltaError("edge-level attribution is not done by attribute()", "use cdelta.circuits.edges.attribute_edges or localize(..., edges=True)")
     if method not in METHODS:
         raise CdeltaError(f"unknown attribution method '{method}'", f"use one of: {', '.join(METHODS)}")
     if len(clean) != len(corrupt) or not clean:
@@ -552,7 +654,7 @@ def attribute(
     sites = node_sites(arch)
     start = time.perf_counter()
     with frozen(model):
-        for idx, pb in iter_pair_batches(model, arch, tokenizer, metric_obj, clean, corrupt, batch_size, n_positions):
+        for idx, pb in iter_pair_batches(model, arch, tokenizer, metric_obj, clean, corrupt, batch_size, n_positions, max_memory_mb):
             if on_pass:
                 on_pass()
                 on_pass()
@@ -586,7 +688,8 @@ def attribute(
                         where.append((layer, h))
                     specs.append({(layer, MLP): None})
                     where.append((layer, arch.n_heads))
-                for (layer, col), m in zip(where, patch_metrics(model, arch, pb, specs, max_rows=exact_rows)):
+                rows = exact_rows if max_memory_mb is None else pb.input_ids.shape[0]
+                for (layer, col), m in zip(where, patch_metrics(model, arch, pb, specs, max_rows=rows)):
                     scores[:, layer, col] = m0 - m.double().cpu()
                 if on_pass:
                     for _ in specs:

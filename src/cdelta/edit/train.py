@@ -1,22 +1,32 @@
-"""Circuit-restricted fine-tuning: gradients flow only into the circuit's parameter slices.
+"""Circuit-restricted fine-tuning: only the circuit's weight entries are trained.
 
-Only parameters with a non-empty mask are trainable; their gradients are multiplied
-by the boolean mask after every backward pass, so AdamW (no weight decay) leaves every
-entry outside the mask exactly at its base value.
+The masked entries of every touched parameter live in a separate trainable vector
+(``CircuitSlices``), float32 even when the model is bfloat16/float16 (master weights);
+each step scatters them into the model's frozen weights and runs the model through
+``torch.func.functional_call``. Gradients and AdamW state therefore exist only for the
+masked entries: optimizer memory is 16 bytes per circuit entry (value, gradient, two
+moments), whatever the model's size. The model itself is never copied nor changed.
+
+For a float32 model this is numerically the same as training whole tensors and
+multiplying their gradients by the mask (entries outside the mask then get zero
+gradient, zero moments and an exactly zero AdamW step): the same seed gives
+byte-identical deltas.
 """
 
 from __future__ import annotations
 
-import copy
 import random
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-from cdelta.ui import progress_bar
+from torch.func import functional_call
 
+from cdelta.circuits.attribution import frozen
 from cdelta.edit.batches import ReplyBatch, build_reply_batch, reply_kl, reply_logits, reply_nll
 from cdelta.edit.truncated import lowest_layer, residual_at
 from cdelta.models.architecture import architecture_of
+from cdelta.ui import progress_bar
 
 
 @dataclass
@@ -75,6 +85,65 @@ def reference_logprobs(reference: torch.nn.Module, tokenizer, pairs: list[tuple[
     return out
 
 
+class CircuitSlices(torch.nn.Module):
+    """Trainable copies of a model's masked weight entries, apart from the frozen weights.
+
+    ``values[i]`` is a float32 vector ``[n_i]`` holding the entries of parameter
+    ``names[i]`` where its mask is True (row-major order); ``base`` are the model's own
+    parameter tensors (not copied), each on its own device (``device_map`` models work).
+    """
+
+    def __init__(self, model: torch.nn.Module, masks: dict[str, torch.Tensor]) -> None:
+        super().__init__()
+        params = dict(model.named_parameters())
+        self.names = [name for name, mask in masks.items() if mask.any()]
+        self.base = {name: params[name].detach() for name in self.names}
+        self.masks = {name: masks[name].to(self.base[name].device) for name in self.names}
+        self.values = torch.nn.ParameterList(
+            [torch.nn.Parameter(self.base[name][self.masks[name]].float()) for name in self.names]
+        )
+
+    def weights(self, prefix: str = "") -> dict[str, torch.Tensor]:
+        """``{prefix + name: weight}``: the frozen weight with the current values scattered in (model dtype)."""
+        return {
+            prefix + name: self.base[name].masked_scatter(self.masks[name], value.to(self.base[name].dtype))
+            for name, value in zip(self.names, self.values)
+        }
+
+    @torch.no_grad()
+    def deltas(self) -> dict[str, torch.Tensor]:
+        """``{name: θ_trained − θ_base}``: dense float32 on CPU, zero outside the mask."""
+        out = {}
+        for name, value in zip(self.names, self.values):
+            base, mask = self.base[name], self.masks[name]
+            delta = torch.zeros(base.shape, dtype=torch.float32)
+            delta[mask.cpu()] = (value - base[mask].float()).cpu()
+            out[name] = delta
+        return out
+
+
+class _ReplyLogits(torch.nn.Module):
+    """``reply_logits`` as a module, so ``functional_call`` can swap in the edited weights."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: ReplyBatch, start: tuple[int, torch.Tensor] | None) -> torch.Tensor:
+        return reply_logits(self.model, batch, start)
+
+
+@contextmanager
+def _training(model: torch.nn.Module):
+    """``model.train()`` inside the block, the previous mode afterwards."""
+    was_training = model.training
+    model.train()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
 def masked_finetune(
     model: torch.nn.Module,
     tokenizer,
@@ -85,52 +154,45 @@ def masked_finetune(
     progress: bool = True,
     description: str = "editing",
 ) -> dict[str, torch.Tensor]:
-    """Fine-tune a copy of ``model`` on ``masks`` and return the masked weight change.
+    """Fine-tune ``model``'s masked entries and return the weight change.
 
-    Returns ``{param_name: delta}`` with ``delta = (θ_trained − θ_base) ⊙ mask`` (float32,
-    zero outside the mask) for every masked parameter. ``model`` itself is unchanged.
-    ``reference`` (default: ``model``) supplies the retain-KL targets.
+    Returns ``{param_name: delta}`` with ``delta = θ_trained − θ_base`` (float32 on CPU,
+    zero outside the mask) for every parameter with a non-empty mask. ``model`` itself is
+    unchanged. ``reference`` (default: ``model``) supplies the retain-KL targets.
     """
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed)
-    student = copy.deepcopy(model).train()
     reference = (reference or model).eval()
-    device = next(student.parameters()).device
-    params = dict(student.named_parameters())
-    trainable = {name: params[name] for name, mask in masks.items() if mask.any()}
-    for param in student.parameters():
-        param.requires_grad_(False)
-    for param in trainable.values():
-        param.requires_grad_(True)
-    base = {name: p.detach().clone() for name, p in trainable.items()}
-    device_masks = {name: masks[name].to(device) for name in trainable}
-    optimizer = torch.optim.AdamW(list(trainable.values()), lr=config.lr, weight_decay=0.0)
+    device = next(model.parameters()).device
     use_retain = bool(data.retain) and config.retain_weight > 0
     ref_logprobs = reference_logprobs(reference, tokenizer, data.retain, config) if use_retain else []
-    layer = lowest_layer(list(trainable), architecture_of(student).layers_prefix) or 0
-    target_cache = residual_cache(student, tokenizer, data.target, layer, config)
-    retain_cache = residual_cache(student, tokenizer, data.retain, layer, config) if use_retain else []
+    slices = CircuitSlices(model, masks)
+    objective = _ReplyLogits(model)
+    optimizer = torch.optim.AdamW(list(slices.values), lr=config.lr, weight_decay=0.0)
+    layer = lowest_layer(slices.names, architecture_of(model).layers_prefix) or 0
+    target_cache = residual_cache(model, tokenizer, data.target, layer, config)
+    retain_cache = residual_cache(model, tokenizer, data.retain, layer, config) if use_retain else []
     target_iter = _index_batches(len(data.target), config.batch_size, rng)
     retain_iter = _index_batches(len(data.retain), config.retain_batch_size, rng) if use_retain else None
-    with progress_bar(progress) as bar:
+    with frozen(model), _training(model), progress_bar(progress) as bar:
         task = bar.add_task(description, total=config.steps)
         for _ in range(config.steps):
+            weights = slices.weights(prefix="model.")
             index = next(target_iter)
             batch = _batch(tokenizer, [data.target[i] for i in index], config, device)
-            loss = reply_nll(reply_logits(student, batch, _start(layer, target_cache, index, batch)), batch)
+            logits = functional_call(objective, weights, (batch, _start(layer, target_cache, index, batch)))
+            loss = reply_nll(logits, batch)
             if retain_iter is not None:
                 index = next(retain_iter)
                 batch = _batch(tokenizer, [data.retain[i] for i in index], config, device)
                 ref = torch.cat([ref_logprobs[i] for i in index]).to(device).float()
-                logits = reply_logits(student, batch, _start(layer, retain_cache, index, batch))
+                logits = functional_call(objective, weights, (batch, _start(layer, retain_cache, index, batch)))
                 loss = loss + config.retain_weight * reply_kl(logits, ref, batch, config.first_token_weight)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            for name, param in trainable.items():
-                param.grad.mul_(device_masks[name])
             optimizer.step()
             bar.advance(task)
-    return {name: ((p.detach() - base[name]) * device_masks[name]).float().cpu() for name, p in trainable.items()}
+    return slices.deltas()
 
 
 def _batch(tokenizer, pairs: list[tuple[str, str]], config: TrainConfig, device) -> ReplyBatch:

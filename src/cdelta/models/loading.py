@@ -30,6 +30,8 @@ class LoadedModel:
 
     @property
     def device(self) -> torch.device:
+        """Where inputs go: the device of the first parameter (the input embeddings, also
+        under a multi-GPU ``device_map``, whose hooks move activations between devices)."""
         return next(self.model.parameters()).device
 
 
@@ -55,6 +57,18 @@ def resolve_dtype(dtype: str) -> torch.dtype:
     if dtype not in DTYPES:
         raise CdeltaError(f"unknown dtype '{dtype}'", f"use one of: {', '.join(DTYPES)}")
     return DTYPES[dtype]
+
+
+DEVICE_MAPS = ("auto",)
+
+
+def check_device_map(device_map: str | None) -> str | None:
+    """Validate ``device_map``: None (one device) or ``"auto"`` (accelerate spreads the layers over the GPUs)."""
+    if device_map is None:
+        return None
+    if device_map not in DEVICE_MAPS:
+        raise CdeltaError(f"unknown device map '{device_map}'", "use --device-map auto, or leave it unset for one device")
+    return device_map
 
 
 def weights_hash(directory: Path) -> str:
@@ -91,16 +105,24 @@ def load_model(
     dtype: str = "float32",
     trust_remote_code: bool = False,
     require_chat_template: bool = True,
+    device_map: str | None = None,
 ) -> LoadedModel:
-    """Load model and tokenizer in eval mode, with left padding for batched generation."""
+    """Load model and tokenizer in eval mode, with left padding for batched generation.
+
+    ``device``: one device (``auto`` picks cuda, then mps, then cpu). ``device_map="auto"``
+    instead lets accelerate split a model too large for one GPU over all visible GPUs
+    (and CPU memory after them); ``device`` is then ignored.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    device_map = check_device_map(device_map)
+    target = None if device_map else resolve_device(device)
     path = resolve_model_path(name_or_path)
     source = str(path) if path is not None else name_or_path
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(
-            source, dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code
+            source, dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code, device_map=device_map
         )
     except OSError as exc:
         raise CdeltaError(
@@ -112,6 +134,8 @@ def load_model(
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model.to(resolve_device(device)).eval()
+    if target is not None:
+        model.to(target)
+    model.eval()
     digest = weights_hash(path) if path is not None else "unhashed-hub-download"
     return LoadedModel(model=model, tokenizer=tokenizer, name=name_or_path, path=path, weights_sha256=digest)
