@@ -162,14 +162,15 @@ def test_eap_ig_scores_into_the_output_are_complete(model, tok):
 def test_eap_ig_correlates_with_exact_edge_patching(tok, kind, positions):
     """EAP-IG (32 steps) ranks edges like single-edge patching (Spearman >= 0.9) at the default init scale.
 
-    The ``input`` writer is left out in ``suffix`` mode, where its edges are exactly 0 in both.
+    The ``input`` writer is left out in ``suffix`` mode, where its edges are 0 in both (up to
+    float64 rounding of the cached prefix).
     """
     model = nonlinear_model(kind, tok, std=0.02)
     exact = attribute_edges(model, tok, CLEAN, CORRUPT, method="exact", batch_size=2, n_positions=positions)
     ig = attribute_edges(model, tok, CLEAN, CORRUPT, method="eap-ig", steps=32, batch_size=2, n_positions=positions)
     edges = exact.graph.valid()
     if positions == "suffix":
-        assert exact.scores[0].abs().max() == 0 and ig.scores[0].abs().max() == 0
+        assert exact.scores[0].abs().max() < 1e-12 and ig.scores[0].abs().max() < 1e-12
         edges[0] = False
     assert spearmanr(ig.scores[edges], exact.scores[edges]).statistic >= 0.9
     torch.testing.assert_close(exact.m_clean, ig.m_clean)
