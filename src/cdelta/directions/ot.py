@@ -70,6 +70,7 @@ from cdelta.directions.vectors import (
     first_token_kl,
     refusal_replies_for,
     reply_logprob,
+    validation_samples,
 )
 from cdelta.errors import CdeltaError
 from cdelta.models.architecture import architecture_of, decoder_layers
@@ -443,11 +444,7 @@ def fit_ot(
     layers = ot_candidate_layers(n_layers) if layers is None else list(layers)
     if any(not 0 <= layer < n_layers for layer in layers):
         raise CdeltaError(f"layers {layers} out of range for a {n_layers}-layer model", f"use layers 0..{n_layers - 1}")
-    n_categories = max(1, len(prompts.filter(kind="harmful").categories()))
-    val_harmful = _sample_harmful(prompts, "val", -(-n_val // n_categories), seed).sample(n_val, seed)
-    val_harmless = prompts.filter(split="val", kind=HARMLESS).sample(n_val, seed)
-    if not len(val_harmful) or not len(val_harmless):
-        raise CdeltaError("the validation split needs harmful and harmless prompts", "use a prompt set with val-split prompts of both kinds")
+    val_harmful, val_harmless = validation_samples(prompts, n_val, seed)
     base_rate = None
     if mode == "auto":
         base_rate = base_refusal_rate(lm, val_harmful.texts())

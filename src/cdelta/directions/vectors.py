@@ -348,6 +348,16 @@ def _sample_harmful(prompts: PromptSet, split: str, per_category: int, seed: int
     return PromptSet(f"{prompts.name}:{split}:harmful", chosen)
 
 
+def validation_samples(prompts: PromptSet, n_val: int, seed: int) -> tuple[PromptSet, PromptSet]:
+    """``n_val`` harmful val-split prompts spread over the harm categories, and ``n_val`` harmless ones."""
+    n_categories = max(1, len(prompts.filter(kind="harmful").categories()))
+    val_harmful = _sample_harmful(prompts, "val", -(-n_val // n_categories), seed).sample(n_val, seed)
+    val_harmless = prompts.filter(split="val", kind=HARMLESS).sample(n_val, seed)
+    if not len(val_harmful) or not len(val_harmless):
+        raise CdeltaError("the validation split needs harmful and harmless prompts", "use a prompt set with val-split prompts of both kinds")
+    return val_harmful, val_harmless
+
+
 def fit_refusal_direction(
     lm,
     prompts: PromptSet,
@@ -396,11 +406,7 @@ def fit_refusal_direction(
     started = time.perf_counter()
     layers = default_candidate_layers(arch.n_layers) if layers is None else _all_layers(model, layers)
 
-    n_categories = max(1, len(prompts.filter(kind="harmful").categories()))
-    val_harmful = _sample_harmful(prompts, "val", -(-n_val // n_categories), seed).sample(n_val, seed)
-    val_harmless = prompts.filter(split="val", kind=HARMLESS).sample(n_val, seed)
-    if not len(val_harmful) or not len(val_harmless):
-        raise CdeltaError("the validation split needs harmful and harmless prompts", "use a prompt set with val-split prompts of both kinds")
+    val_harmful, val_harmless = validation_samples(prompts, n_val, seed)
 
     base_rate = None
     if recipe == "auto":
