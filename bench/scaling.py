@@ -103,7 +103,7 @@ def _edit_shape(lm, arch, masks: dict, data, config) -> dict:
 
     names = [name for name, mask in masks.items() if mask.any()]
     rng = random.Random(config.seed)
-    batches = train._index_batches(len(data.target), config.batch_size, rng), train._index_batches(len(data.retain), config.retain_batch_size, rng)
+    batches = train.index_batches(len(data.target), config.batch_size, rng), train.index_batches(len(data.retain), config.retain_batch_size, rng)
     worst = {"tokens": 0, "positions": 0}
     for _ in range(config.steps):
         tokens = positions = 0

@@ -53,7 +53,7 @@ def _whole_tensor_finetune(model, tokenizer, masks, data: EditData, config: Trai
         param.requires_grad_(True)
     base = {name: p.detach().clone() for name, p in trainable.items()}
     optimizer = torch.optim.AdamW(list(trainable.values()), lr=config.lr, weight_decay=0.0)
-    batches = train._index_batches(len(data.target), config.batch_size, rng)
+    batches = train.index_batches(len(data.target), config.batch_size, rng)
     for _ in range(config.steps):
         batch = train._batch(tokenizer, [data.target[i] for i in next(batches)], config, torch.device("cpu"))
         loss = reply_nll(reply_logits(student, batch), batch)

@@ -59,7 +59,7 @@ class EditData:
     retain: list[tuple[str, str]]
 
 
-def _index_batches(n: int, size: int, rng: random.Random):
+def index_batches(n: int, size: int, rng: random.Random):
     """Endless shuffled mini-batches of indices into a list of length ``n``."""
     while True:
         order = list(range(n))
@@ -172,8 +172,8 @@ def masked_finetune(
     layer = lowest_layer(slices.names, architecture_of(model).layers_prefix) or 0
     target_cache = residual_cache(model, tokenizer, data.target, layer, config)
     retain_cache = residual_cache(model, tokenizer, data.retain, layer, config) if use_retain else []
-    target_iter = _index_batches(len(data.target), config.batch_size, rng)
-    retain_iter = _index_batches(len(data.retain), config.retain_batch_size, rng) if use_retain else None
+    target_iter = index_batches(len(data.target), config.batch_size, rng)
+    retain_iter = index_batches(len(data.retain), config.retain_batch_size, rng) if use_retain else None
     with frozen(model), _training(model), progress_bar(progress) as bar:
         task = bar.add_task(description, total=config.steps)
         for _ in range(config.steps):

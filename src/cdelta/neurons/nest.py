@@ -31,7 +31,7 @@ from cdelta.circuits.attribution import frozen, template_prefix_len
 from cdelta.directions.vectors import generation_position_ids
 from cdelta.edit.batches import ReplyBatch, build_reply_batch, reply_kl, reply_logits, reply_nll
 from cdelta.edit.delta import Delta
-from cdelta.edit.train import EditData, TrainConfig, masked_finetune, reference_logprobs
+from cdelta.edit.train import EditData, TrainConfig, index_batches, masked_finetune, reference_logprobs
 from cdelta.errors import CdeltaError
 from cdelta.models.architecture import Architecture, architecture_of, mlp
 from cdelta.models.chat import encode_chat
@@ -261,15 +261,6 @@ class _Replies(torch.nn.Module):
         return reply_logits(self.model, batch)
 
 
-def _batches(n: int, size: int, rng: random.Random):
-    """Endless shuffled mini-batches of indices into a list of length ``n``."""
-    while True:
-        order = list(range(n))
-        rng.shuffle(order)
-        for start in range(0, max(1, n - size + 1), size):
-            yield order[start : start + size]
-
-
 def tied_finetune(model: torch.nn.Module, tokenizer, updates: ClusterUpdates, data: EditData, config: TrainConfig, progress: bool = True) -> Delta:
     """Train ``updates`` with ``masked_finetune``'s objective (reply NLL + weighted retain KL).
 
@@ -284,8 +275,8 @@ def tied_finetune(model: torch.nn.Module, tokenizer, updates: ClusterUpdates, da
     ref_logprobs = reference_logprobs(model, tokenizer, data.retain, config) if use_retain else []
     objective = _Replies(model)
     optimizer = torch.optim.AdamW(list(updates.parameters()), lr=config.lr, weight_decay=0.0)
-    target_iter = _batches(len(data.target), config.batch_size, rng)
-    retain_iter = _batches(len(data.retain), config.retain_batch_size, rng) if use_retain else None
+    target_iter = index_batches(len(data.target), config.batch_size, rng)
+    retain_iter = index_batches(len(data.retain), config.retain_batch_size, rng) if use_retain else None
 
     def batch_of(pairs: list[tuple[str, str]]) -> ReplyBatch:
         return build_reply_batch(tokenizer, [p for p, _ in pairs], [r for _, r in pairs], config.max_reply_tokens).to(device)
