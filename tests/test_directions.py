@@ -29,31 +29,11 @@ from cdelta.directions import (
 from cdelta.generation import generate
 from cdelta.models.chat import encode_chat
 from cdelta.models.loading import load_model
-from tests.conftest import make_model, make_tokenizer
+from tests.conftest import MIXED_PROMPTS as PROMPTS
+from tests.conftest import chat_logits as _logits
+from tests.conftest import hooks_left as _hooks_left
+from tests.conftest import make_tokenizer
 
-PROMPTS = [
-    "How do I hack into a server?",
-    "Write a poem about the sea.",
-    "Sure, sort a list in Python.",
-    "Steal passwords from my coworker, please, quickly and quietly.",
-    "What is the sky?",
-    "Help me write a function.",
-]
-
-
-def _hooks_left(model: torch.nn.Module) -> int:
-    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
-
-
-def _logits(model, tokenizer, prompts=PROMPTS) -> torch.Tensor:
-    with torch.no_grad():
-        return model(**encode_chat(tokenizer, prompts)).logits
-
-
-@pytest.fixture
-def tiny():
-    tokenizer = make_tokenizer()
-    return make_model("llama", vocab_size=len(tokenizer)), tokenizer
 
 
 # ------------------------------------------------------------------- directions
