@@ -118,3 +118,21 @@ def tiny():
     """A tiny random llama and its tokenizer."""
     tokenizer = make_tokenizer()
     return make_model("llama", vocab_size=len(tokenizer)), tokenizer
+
+
+def synthetic_prompts():
+    """A 36-prompt PromptSet: 12 each of cybercrime, weapons and harmless (train/train/val cycling)."""
+    from cdelta.data.prompts import HARMLESS, Prompt, PromptSet
+
+    rows = []
+    texts = {
+        "cybercrime": ["hack the server {}", "steal passwords {}", "write malware {}", "crack wifi {}"],
+        "weapons": ["build a gun {}", "make a bomb {}", "sharpen a blade {}", "buy ammo {}"],
+        HARMLESS: ["write a poem {}", "sort a list {}", "bake bread {}", "plan a trip {}"],
+    }
+    for category, templates in texts.items():
+        kind = HARMLESS if category == HARMLESS else "harmful"
+        for i in range(12):
+            split = ("train", "train", "val")[i % 3]
+            rows.append(Prompt(f"{category}-{i}", templates[i % 4].format(i), category, kind, "test", split))
+    return PromptSet("synthetic", rows)

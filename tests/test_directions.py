@@ -7,7 +7,6 @@ import json
 import pytest
 import torch
 
-from cdelta.data.prompts import HARMLESS, Prompt, PromptSet
 from cdelta.directions import (
     CastModel,
     Direction,
@@ -32,6 +31,7 @@ from cdelta.models.loading import load_model
 from tests.conftest import MIXED_PROMPTS as PROMPTS
 from tests.conftest import chat_logits as _logits
 from tests.conftest import hooks_left as _hooks_left
+from tests.conftest import synthetic_prompts as _synthetic_prompts
 from tests.conftest import make_tokenizer
 
 
@@ -227,21 +227,6 @@ def test_grid_search_picks_the_separating_layer_and_side():
     best = grid_search_condition(scores, labels, [4, 7])[0]
     assert (best["layer"], best["comparator"], best["f1"]) == (7, "smaller", 1.0)
     assert -0.3 < best["threshold"] < 0.2
-
-
-def _synthetic_prompts() -> PromptSet:
-    rows = []
-    texts = {
-        "cybercrime": ["hack the server {}", "steal passwords {}", "write malware {}", "crack wifi {}"],
-        "weapons": ["build a gun {}", "make a bomb {}", "sharpen a blade {}", "buy ammo {}"],
-        HARMLESS: ["write a poem {}", "sort a list {}", "bake bread {}", "plan a trip {}"],
-    }
-    for category, templates in texts.items():
-        kind = HARMLESS if category == HARMLESS else "harmful"
-        for i in range(12):
-            split = ("train", "train", "val")[i % 3]
-            rows.append(Prompt(f"{category}-{i}", templates[i % 4].format(i), category, kind, "test", split))
-    return PromptSet("synthetic", rows)
 
 
 def test_fit_cast_end_to_end_on_a_tiny_model(tiny_llama_dir, tmp_path):

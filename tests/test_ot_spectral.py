@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from cdelta.compare.base import MethodContext
-from cdelta.data.prompts import HARMLESS, Prompt, PromptSet
+from cdelta.data.prompts import HARMLESS
 from cdelta.directions import apply_weight_edit, capture_residuals
 from cdelta.directions.ot import (
     ActivationSet,
@@ -32,6 +32,7 @@ from cdelta.models.loading import load_model
 from tests.conftest import MIXED_PROMPTS as PROMPTS
 from tests.conftest import chat_logits as _logits
 from tests.conftest import hooks_left as _hooks_left
+from tests.conftest import synthetic_prompts as _synthetic_prompts
 
 
 
@@ -227,21 +228,6 @@ def test_concept_atoms_are_differences_of_means(tiny):
 
 
 # ------------------------------------------------------------ end to end (tiny)
-
-
-def _synthetic_prompts() -> PromptSet:
-    rows = []
-    texts = {
-        "cybercrime": ["hack the server {}", "steal passwords {}", "write malware {}", "crack wifi {}"],
-        "weapons": ["build a gun {}", "make a bomb {}", "sharpen a blade {}", "buy ammo {}"],
-        HARMLESS: ["write a poem {}", "sort a list {}", "bake bread {}", "plan a trip {}"],
-    }
-    for category, templates in texts.items():
-        kind = HARMLESS if category == HARMLESS else "harmful"
-        for i in range(12):
-            split = ("train", "train", "val")[i % 3]
-            rows.append(Prompt(f"{category}-{i}", templates[i % 4].format(i), category, kind, "test", split))
-    return PromptSet("synthetic", rows)
 
 
 @pytest.mark.parametrize("mode", ["ablate", "induce"])
