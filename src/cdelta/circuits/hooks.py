@@ -21,6 +21,7 @@ gradient root (the model's parameters need not require grad).
 from __future__ import annotations
 
 import copy
+import inspect
 from collections.abc import Callable
 
 import torch
@@ -104,6 +105,11 @@ class SiteHooks:
         self._handles.clear()
 
 
+def cache_argument(model: torch.nn.Module) -> str:
+    """Name of ``model.forward``'s KV-cache argument: ``cache`` (transformers ≥ 5.24) or ``past_key_values``."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 def run_model(
     model: torch.nn.Module,
     input_ids: torch.Tensor,
@@ -123,9 +129,9 @@ def run_model(
         out = model(
             input_ids=input_ids,
             attention_mask=attention_mask,
-            past_key_values=copy.deepcopy(past_key_values),
             use_cache=True,
             logits_to_keep=logits_to_keep,
+            **{cache_argument(model): copy.deepcopy(past_key_values)},
         )
     return out.logits
 

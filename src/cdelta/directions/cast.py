@@ -132,6 +132,16 @@ class CastModel:
         return cls(**tensors, **meta)
 
 
+def is_prompt_pass(kwargs: dict) -> bool:
+    """Whether a model call (a forward pre-hook's kwargs) reads the prompt, not a generated token.
+
+    True without a KV cache or with an empty one. transformers ≥ 5.24 passes the cache to
+    ``forward`` as ``cache``, earlier 5.x releases as ``past_key_values``.
+    """
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    return cache is None or (hasattr(cache, "get_seq_length") and cache.get_seq_length() == 0)
+
+
 class CastHooks:
     """Forward hooks implementing one ``CastModel`` on one model (use as a context manager).
 
@@ -163,9 +173,7 @@ class CastHooks:
         self.history.append(self.mask.detach().cpu())
 
     def _on_model_call(self, _module, args, kwargs):
-        cache = kwargs.get("past_key_values")
-        is_prompt = cache is None or (hasattr(cache, "get_seq_length") and cache.get_seq_length() == 0)
-        if not is_prompt:
+        if not is_prompt_pass(kwargs):
             return None
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         inputs_embeds = kwargs.get("inputs_embeds")

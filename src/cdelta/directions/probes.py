@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 
 from cdelta.data.prompts import HARMLESS, LOOKALIKE, PromptSet
-from cdelta.directions.cast import f1_table
+from cdelta.directions.cast import f1_table, is_prompt_pass
 from cdelta.directions.vectors import Position, collect_prompt_activations, masked_mean
 from cdelta.errors import CdeltaError
 from cdelta.evaluate import limit_per_category
@@ -292,8 +292,7 @@ class RoutedReplyHooks:
         self.history.append(self.mask)
 
     def _on_model_call(self, _module, _args, kwargs):
-        cache = kwargs.get("past_key_values")
-        if cache is None or (hasattr(cache, "get_seq_length") and cache.get_seq_length() == 0):
+        if is_prompt_pass(kwargs):
             self.mask, self.step, self._prompt_pass = None, 0, True
             self._prompt_mask = kwargs.get("attention_mask")
         return None
