@@ -286,6 +286,17 @@ def test_xstest_loader():
     assert {p.category for p in unsafe if p.source_category == "contrast_privacy"} == {"privacy"}
 
 
+def test_builtin_prompts_hold_no_xstest_prompt():
+    """XSTest is evaluation-only: no builtin prompt may be one of its prompts, up to case and punctuation."""
+    from cdelta.data.builtin import load_builtin
+
+    def norm(text: str) -> str:
+        return " ".join("".join(c for c in text.lower() if c.isalnum() or c.isspace()).split())
+
+    xstest = {norm(p.text) for p in files.load_xstest(SHARED_DATA / "xstest_prompts.csv")}
+    assert not [p.id for p in load_builtin() if norm(p.text) in xstest]
+
+
 def test_advbench_and_alpaca_loaders():
     adv = files.load_advbench(SHARED_DATA / "advbench.csv")
     _check_set(adv, "advbench", 520)

@@ -5,7 +5,7 @@ from transformers import AutoModelForCausalLM
 
 import pytest
 
-from cdelta.edit.delta import apply_sparse_delta, apply_to_model, compose, load_sparse, save_sparse, write_edited_checkpoint
+from cdelta.edit.delta import apply_sparse_deltas, apply_to_model, compose, load_sparse, save_sparse, write_edited_checkpoint
 from cdelta.errors import CdeltaError
 from cdelta.models.loading import load_model
 
@@ -37,7 +37,7 @@ def test_apply_delta_matches_in_memory_edit_and_checks_hash(tiny_llama_dir, tmp_
     lm = load_model(str(tiny_llama_dir))
     delta = _random_delta(lm.model)
     save_sparse(delta, tmp_path / "d.safetensors", {"base_weights_sha256": lm.weights_sha256})
-    apply_sparse_delta(tiny_llama_dir, tmp_path / "d.safetensors", tmp_path / "edited")
+    apply_sparse_deltas(tiny_llama_dir, [tmp_path / "d.safetensors"], tmp_path / "edited")
     edited = AutoModelForCausalLM.from_pretrained(tmp_path / "edited")
     apply_to_model(lm.model, delta)
     for (name, a), (_, b) in zip(lm.model.named_parameters(), edited.named_parameters()):
@@ -45,7 +45,7 @@ def test_apply_delta_matches_in_memory_edit_and_checks_hash(tiny_llama_dir, tmp_
     other = tmp_path / "other"
     write_edited_checkpoint(tiny_llama_dir, {k: v * 0 + 1 for k, v in delta.items()}, other)
     with pytest.raises(CdeltaError, match="does not match"):
-        apply_sparse_delta(other, tmp_path / "d.safetensors", tmp_path / "bad")
+        apply_sparse_deltas(other, [tmp_path / "d.safetensors"], tmp_path / "bad")
     assert not (tmp_path / "bad").exists()
 
 

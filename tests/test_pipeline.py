@@ -22,12 +22,17 @@ def _config(model_dir) -> RunConfig:
     )
 
 
-def test_run_is_deterministic_resumable_and_exports_drop_in_checkpoint(tiny_llama_dir, tmp_path):
+def test_run_is_deterministic_resumable_and_exports_drop_in_checkpoint(tiny_llama_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("CDELTA_CACHE_DIR", str(tmp_path / "cache"))
     cfg = _config(tiny_llama_dir)
     results = run_pipeline(cfg, tmp_path / "a", log=lambda m: None)
-    run_pipeline(cfg, tmp_path / "b", log=lambda m: None)
+    second: list[str] = []
+    run_pipeline(cfg, tmp_path / "b", log=second.append)
     delta_a = (tmp_path / "a" / "delta.safetensors").read_bytes()
     assert delta_a == (tmp_path / "b" / "delta.safetensors").read_bytes(), "same seed and inputs: byte-identical delta"
+    # another run directory on the same base and settings reuses the base's evaluation from the user cache
+    assert any(m.startswith("base evaluation reused") for m in second)
+    assert (tmp_path / "b" / "results_base.json").read_text() == (tmp_path / "a" / "results_base.json").read_text()
 
     reused: list[str] = []
     run_pipeline(cfg, tmp_path / "a", log=reused.append)

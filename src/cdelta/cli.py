@@ -201,6 +201,7 @@ def localize_cmd(
     n_pairs: Annotated[int, typer.Option(help="Clean/corrupted prompt pairs.")] = 32,
     method: Annotated[str, typer.Option(help="eap-ig, eap-ig-layer, eap-ig-inputs, eap, or exact (activation patching).")] = "eap-ig",
     steps: Annotated[int, typer.Option(help="Integration steps of EAP-IG.")] = 5,
+    metric: Annotated[str, typer.Option(help="logodds (refusal log-odds), teacher-forced, or category (category evidence, for bases that do not refuse).")] = "logodds",
     contrast: Annotated[str, typer.Option(help="Corrupted prompts: harmful (other categories) or harmless.")] = "harmful",
     selection: Annotated[str, typer.Option(help="top_k:N, top_frac:F, threshold:S or params:F (fraction of parameters).")] = "params:0.02",
     faithfulness: Annotated[bool, typer.Option(help="Measure the faithfulness curve vs random and shuffled-label circuits.")] = True,
@@ -221,7 +222,7 @@ def localize_cmd(
     lm = load_model(model, device, dtype, trust_remote_code, device_map=device_map)
     result = localize(lm, category, load_builtin(), contrast=contrast, n_pairs=n_pairs, method=method, steps=steps,
                       seed=seed, out_dir=out_dir, faithfulness=faithfulness, selection=selection, edges=edges,
-                      max_memory_mb=max_memory_mb)
+                      max_memory_mb=max_memory_mb, metric=metric)
     circuit = result.circuit
     n_edges = f"{circuit.meta['edges']['n_selected']:,} edges → " if edges else ""
     out.print(f"circuit: {n_edges}{len(circuit.heads())} heads, {len(circuit.mlps())} MLPs, "
@@ -251,7 +252,7 @@ def run_cmd(
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Run directory (stages resume from it).")] = Path("runs/default"),
     config: Annotated[Optional[Path], typer.Option(help="TOML file of settings (flags override it).")] = None,
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="Bundled model name, local HF directory, or hub id.")] = None,
-    category: Annotated[Optional[str], typer.Option(help="Target category, or several comma-separated.")] = None,
+    category: Annotated[Optional[str], typer.Option(help="Target category, or several comma-separated; lookalike (alone, with --direction lift) repairs over-refusal.")] = None,
     direction: Annotated[Optional[str], typer.Option(help="refuse (default) or lift (answer the category, keep other refusals).")] = None,
     circuit: Annotated[Optional[str], typer.Option(help="Circuit selection: params:F, top_k:N, top_frac:F, threshold:S.")] = None,
     variant: Annotated[Optional[str], typer.Option(help="direct or contrastive.")] = None,
@@ -308,19 +309,21 @@ def _print_before_after(results: dict) -> None:
 
 @app.command("apply-delta")
 def apply_delta_cmd(
-    base: Annotated[Path, typer.Argument(help="Base model directory (must match the delta's base hash).")],
-    delta: Annotated[Path, typer.Argument(help="delta.safetensors written by cdelta run.")],
+    base: Annotated[Path, typer.Argument(help="Base model directory or bundled name (must match the deltas' base hash).")],
+    deltas: Annotated[list[Path], typer.Argument(help="One or more delta.safetensors written by cdelta run; several are summed.")],
     out_dir: Annotated[Path, typer.Argument(help="Where to write the edited checkpoint.")],
 ) -> None:
-    """Re-apply a sparse ΔθC to its verified base weights, writing a drop-in checkpoint."""
-    from cdelta.edit.delta import apply_sparse_delta
+    """Re-apply sparse ΔθC (one, or several composed by summing) to their verified base weights, writing a drop-in checkpoint."""
+    from cdelta.edit.delta import apply_sparse_deltas
     from cdelta.models.loading import resolve_model_path
 
     base_dir = resolve_model_path(str(base))
-    if base_dir is None or not delta.is_file():
-        raise CdeltaError(f"{base if base_dir is None else delta} not found", "pass a local base model directory and an existing delta file")
-    manifest = apply_sparse_delta(base_dir, delta, out_dir)
-    out.print(f"applied {manifest['params_touched']:,} changed weights ({manifest.get('category')}) -> {out_dir}")
+    missing = [str(base)] if base_dir is None else [str(d) for d in deltas if not d.is_file()]
+    if missing:
+        raise CdeltaError(f"{', '.join(missing)} not found", "pass a local base model directory (or bundled name) and existing delta files")
+    info = apply_sparse_deltas(base_dir, deltas, out_dir)
+    overlap = f"; {info['overlap_entries']:,} entries touched by more than one delta (summed)" if len(deltas) > 1 else ""
+    out.print(f"applied {info['params_touched']:,} changed weights ({info['category']}){overlap} -> {out_dir}")
 
 
 @app.command("report")

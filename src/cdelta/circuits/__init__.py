@@ -6,7 +6,8 @@ Public entry points:
 * ``attribute`` — node scores by EAP, EAP-IG (default), EAP-IG variants or exact patching;
 * ``Circuit`` — scores, selection, parameter slices/masks, JSON save/load;
 * ``faithfulness_curve`` — recovered metric vs size against random and shuffled controls;
-* ``get_metric`` — refusal metrics (``logodds`` default, ``teacher-forced``).
+* ``get_metric`` — refusal metrics (``logodds`` default, ``teacher-forced``);
+  ``fit_category_metric`` — the fitted ``category`` metric for bases that do not refuse.
 """
 
 from cdelta.circuits.attribution import METHODS, AttributionResult, attribute
@@ -14,13 +15,22 @@ from cdelta.circuits.circuit import Circuit, parse_selection
 from cdelta.circuits.faithfulness import DEFAULT_FRACTIONS, evaluate_circuits, faithfulness_curve
 from cdelta.circuits.hooks import node_ids, parse_node_id
 from cdelta.circuits.localize import LocalizeResult, localize, make_pairs
-from cdelta.circuits.metric import METRICS, LogOddsMetric, Metric, TeacherForcedMetric, get_metric
+from cdelta.circuits.metric import (
+    METRICS,
+    CategoryMetric,
+    LogOddsMetric,
+    Metric,
+    TeacherForcedMetric,
+    fit_category_metric,
+    get_metric,
+)
 
 __all__ = [
     "METHODS",
     "METRICS",
     "DEFAULT_FRACTIONS",
     "AttributionResult",
+    "CategoryMetric",
     "Circuit",
     "LocalizeResult",
     "LogOddsMetric",
@@ -29,6 +39,7 @@ __all__ = [
     "attribute",
     "evaluate_circuits",
     "faithfulness_curve",
+    "fit_category_metric",
     "get_metric",
     "localize",
     "make_pairs",

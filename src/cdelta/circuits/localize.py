@@ -14,12 +14,19 @@ position; the circuit is the best-ranked nodes (by ``|score|``) that fit into 5%
 parameters (``selection="params:0.05"``). A warning is recorded (``warnings`` and
 ``circuit.json``) when the metric gap between the two prompt pools is within two
 standard errors of zero: then there is nothing to localize and scores are noise.
+
+``metric="category"`` (for bases that refuse nothing) is fitted here, before attribution,
+by ``fit_category_metric`` on the ``split`` prompts of the target category vs the same
+contrast pool, *leaving out the prompts of the attribution pairs*: the pairs' metric gap
+(``metric_gap`` in ``circuit.json``) is then a held-out check of the fitted direction,
+while its in-sample separation is recorded as ``metric.fit_gap``.
 """
 
 from __future__ import annotations
 
 import random
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +39,7 @@ from cdelta.circuits import edges as edges_mod
 from cdelta.circuits import faithfulness as faith_mod
 from cdelta.circuits.attribution import AttributionResult, attribute
 from cdelta.circuits.circuit import Circuit
-from cdelta.circuits.metric import get_metric
+from cdelta.circuits.metric import CategoryMetric, Metric, fit_category_metric, get_metric
 from cdelta.circuits.plots import plot_faithfulness, plot_heatmap
 from cdelta.data.prompts import Prompt, PromptSet
 from cdelta.errors import CdeltaError
@@ -74,16 +81,9 @@ def harm_categories(prompts: PromptSet) -> list[str]:
     return prompts.filter(kind="harmful").categories()
 
 
-def make_pairs(
-    prompts: PromptSet, category: str, contrast: str = "harmful", n_pairs: int = 32, seed: int = 0, split: str = "train"
-) -> tuple[list[Prompt], list[Prompt], list[str]]:
-    """``(clean, corrupted, warnings)``: ``n`` paired prompts of ``split``.
-
-    clean = ``category``; corrupted = other harmful categories (``harmful``), harmless
-    prompts (``harmless``), or one named category. Both are sampled with
-    ``PromptSet.sample`` (seeded hash) and put in a seeded random order, so the pairing is
-    deterministic and the contrast categories are mixed.
-    """
+def prompt_pools(prompts: PromptSet, category: str, contrast: str = "harmful", split: str = "train") -> tuple[PromptSet, PromptSet]:
+    """``(target, contrast pool)`` of ``split``: the ``category`` prompts, and other harmful
+    categories (``harmful``), harmless prompts (``harmless``) or one named category."""
     cats = harm_categories(prompts)
     if category not in cats:
         raise CdeltaError(f"unknown category '{category}'", f"use one of: {', '.join(cats) or '(no harmful prompts loaded)'}")
@@ -96,7 +96,19 @@ def make_pairs(
     else:
         options = ", ".join([*CONTRASTS, *[c for c in prompts.categories() if c not in CONTRASTS and c != category]])
         raise CdeltaError(f"unknown contrast '{contrast}'", f"use one of: {options}")
-    target = prompts.filter(category=category, split=split)
+    return prompts.filter(category=category, split=split), pool
+
+
+def make_pairs(
+    prompts: PromptSet, category: str, contrast: str = "harmful", n_pairs: int = 32, seed: int = 0, split: str = "train"
+) -> tuple[list[Prompt], list[Prompt], list[str]]:
+    """``(clean, corrupted, warnings)``: ``n`` paired prompts of ``split``.
+
+    clean = ``category``; corrupted = the contrast pool (``prompt_pools``). Both are
+    sampled with ``PromptSet.sample`` (seeded hash) and put in a seeded random order, so
+    the pairing is deterministic and the contrast categories are mixed.
+    """
+    target, pool = prompt_pools(prompts, category, contrast, split)
     n = min(n_pairs, len(target), len(pool))
     warnings = []
     if n < 2:
@@ -112,6 +124,33 @@ def make_pairs(
     rng.shuffle(clean)
     rng.shuffle(corrupt)
     return clean, corrupt, warnings
+
+
+def fit_category_for(
+    lm: LoadedModel, prompts: PromptSet, category: str, contrast: str, split: str, held_out: set[str], batch_size: int = 8,
+    task: Callable[[str, int], Callable[[], None] | None] | None = None,
+) -> CategoryMetric:
+    """The ``category`` metric fitted on the ``split`` prompts of ``category`` vs the contrast
+    pool, without the prompts whose ids are in ``held_out`` (the attribution pairs).
+
+    Its ``provenance`` also names the category, contrast, split and how many prompts were
+    held out. ``task(description, n_batches)`` may return a per-batch progress callback.
+    """
+    target, pool = prompt_pools(prompts, category, contrast, split)
+    target_texts = [p.text for p in target if p.id not in held_out]
+    contrast_texts = [p.text for p in pool if p.id not in held_out]
+    if len(target_texts) < 2 or len(contrast_texts) < 2:
+        raise CdeltaError(
+            f"the category metric is fitted on the {split}-split prompts not used as attribution pairs: "
+            f"only {len(target_texts)} '{category}' and {len(contrast_texts)} '{contrast}' prompts are left",
+            f"use at most {min(len(target), len(pool)) - 2} pairs, or add {split}-split prompts",
+        )
+    n_batches = sum(-(-len(texts) // batch_size) for texts in (target_texts, contrast_texts))
+    on_batch = task("fit category metric", n_batches) if task else None
+    fitted = fit_category_metric(lm.model, lm.tokenizer, target_texts, contrast_texts, batch_size, on_batch)
+    fitted.provenance = {"fit_category": category, "fit_contrast": contrast, "fit_split": split,
+                         "fit_held_out_prompts": len(held_out), **fitted.provenance}
+    return fitted
 
 
 def shuffled_pairs(clean: list[str], corrupt: list[str], seed: int) -> tuple[list[str], list[str]]:
@@ -150,7 +189,7 @@ def localize(
     n_pairs: int = 32,
     method: str = "eap-ig",
     steps: int = 5,
-    metric: str = "logodds",
+    metric: str | Metric = "logodds",
     batch_size: int = 8,
     seed: int = 0,
     out_dir: Path | None = None,
@@ -176,7 +215,9 @@ def localize(
     selection then counts edges, the faithfulness curve keeps edges (``fractions`` of all
     edges, default ``EDGE_FRACTIONS``; node default ``DEFAULT_FRACTIONS``), and the heat map
     shows each node's summed out-edge scores. ``max_memory_mb`` bounds node attribution's
-    working memory (``attribution.plan_batches``).
+    working memory (``attribution.plan_batches``). ``metric``: a name (``logodds``,
+    ``teacher-forced``, or ``category``: fitted here, see the module docstring) or a
+    ``Metric`` instance; ``circuit.json`` records its ``describe()`` under ``metric``.
     Raises ``CdeltaError`` for an unknown category, contrast, method or metric.
     """
     methods = edges_mod.EDGE_METHODS if edges else attr_mod.METHODS
@@ -191,7 +232,9 @@ def localize(
     run_attribution = edges_mod.attribute_edges if edges else attribute
     bound = {} if edges else {"max_memory_mb": max_memory_mb}
     count_passes = edges_mod.count_passes if edges else attr_mod.count_passes
-    get_metric(metric, lm.tokenizer)  # validate early
+    fit_category = metric == "category"
+    if not fit_category:
+        metric = get_metric(metric, lm.tokenizer)  # validate early
     model, tok = lm.model, lm.tokenizer
     arch = architecture_of(model)
     clean_p, corrupt_p, warnings = make_pairs(prompts, category, contrast, n_pairs, seed, split)
@@ -203,6 +246,11 @@ def localize(
     shuffled = None
     curve = None
     with bars.running():
+        if fit_category:
+            t = time.perf_counter()
+            held_out = {p.id for p in clean_p + corrupt_p}
+            metric = fit_category_for(lm, prompts, category, contrast, split, held_out, batch_size, bars.task)
+            seconds["metric_fit"] = time.perf_counter() - t
         t = time.perf_counter()
         result = run_attribution(
             model, tok, clean, corrupt, method=method, steps=steps, metric=metric, batch_size=batch_size,
@@ -233,7 +281,7 @@ def localize(
     gap, gap_se = float(per_pair_gap.mean()), float(per_pair_gap.std() / n**0.5)
     if not abs(gap) > 2 * gap_se:
         warnings.append(
-            f"the refusal metric barely differs between '{category}' and '{contrast}' prompts "
+            f"the {metric.name} metric barely differs between '{category}' and '{contrast}' prompts "
             f"(gap {gap:.3f} ± {gap_se:.3f} SE over {n} pairs): the scores and faithfulness ratios are dominated by noise"
         )
     meta = dict(
@@ -300,7 +348,7 @@ def localize(
 
 @torch.no_grad()
 def refusal_gap(lm: LoadedModel, prompts: PromptSet, category: str, contrast: str, n_pairs: int = 32, seed: int = 0,
-                metric: str = "logodds", batch_size: int = 8) -> tuple[float, float]:
+                metric: str | Metric = "logodds", batch_size: int = 8) -> tuple[float, float]:
     """Mean and standard error of metric(clean) − metric(corrupted) over the localize pairs (forward passes only)."""
     clean, corrupt, _ = make_pairs(prompts, category, contrast, n_pairs, seed)
     scorer = get_metric(metric, lm.tokenizer)

@@ -1,10 +1,11 @@
-"""Refusal metrics for circuit attribution (pluggable).
+"""Metrics for circuit attribution (pluggable).
 
 A metric turns prompts into model inputs (``encode``) and the model's logits into one
 number per prompt (``__call__`` → ``[n_examples]``); attribution differentiates the sum
-over a batch and reports per-node scores averaged over examples. Larger = more refusal.
+over a batch and reports per-node scores averaged over examples. Larger = more refusal
+(``logodds``, ``teacher-forced``) or more target-category evidence (``category``).
 
-Two metrics are provided:
+Three metrics are provided:
 
 ``logodds`` (default)
     Refusal log-odds of the *first reply token*, read at the last prompt position
@@ -28,10 +29,29 @@ Two metrics are provided:
     rows (prompt + refusal, prompt + compliance); the reply tokens are appended after
     the prompt so that left padding still aligns both runs of a clean/corrupted pair
     from the end. Slower (two rows, longer sequences) but less dependent on one token.
+
+``category`` (for bases that do not refuse)
+    Category evidence at the output, fitted from data (``fit_category_metric``): with
+    ``μ_T`` / ``μ_C`` the mean last-position log-softmax of target-category prompts and of
+    contrast prompts (``[vocab]``), ``d = μ_T − μ_C`` projected onto the zero-sum subspace
+    (``d − mean(d)·1``) and ``u = d / ‖d‖``::
+
+        m = <log_softmax(logits[-1]) − (μ_T + μ_C)/2, u>
+
+    so the fit prompts' metric means are ``±‖d‖/2`` and larger = more target-category.
+    Because ``u ⟂ 1``, the log-normaliser drops out: ``m = <logits[-1], u> − b`` with
+    ``b = <(μ_T + μ_C)/2, u>`` (how ``CategoryMetric`` computes it), and since ``logits = W_U·norm(h)``
+    this is a linear probe on the normalised final residual with direction ``W_Uᵀu``: it
+    measures how much category evidence reaches the output. The zero-sum projection
+    only removes the shift that log-softmax is invariant to (it would otherwise mix the
+    distribution's overall confidence into the metric). One row per prompt, one forward
+    pass, linear in the logits (IG completeness is as for the other metrics). It cannot
+    be built by name: ``get_metric`` takes the fitted instance.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -48,7 +68,12 @@ COMPLIANCE_OPENERS = ("Sure", "Here", "Certainly", "To", "The", "1", "Step", "Gr
 REFUSAL_REPLY = "I'm sorry, but I can't help with that."
 COMPLIANCE_REPLY = "Sure, here is how to do that:"
 
-METRICS = ("logodds", "teacher-forced")
+METRICS = ("logodds", "teacher-forced", "category")
+FITTED_METRICS = ("category",)
+"""Metrics fitted from prompts (``localize`` fits them itself; ``get_metric`` cannot build them by name)."""
+
+TOP_TOKENS = 10
+"""Tokens with the largest positive and negative weight in a category direction, kept for its description."""
 
 
 @dataclass
@@ -102,6 +127,13 @@ def encode_rows(tokenizer, prompts: list[str], suffixes: list[list[int]] | None 
             ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
             mask[i, width - len(r):] = 1
     return ids, mask
+
+
+def encode_prompts(tokenizer, prompts: list[str]) -> Encoded:
+    """One left-padded row per prompt, no suffix (metrics read position -1 only)."""
+    ids, mask = encode_rows(tokenizer, prompts)
+    n = len(prompts)
+    return Encoded(ids, mask, torch.arange(n), n, [[] for _ in range(n)])
 
 
 def _full_precision(logits: torch.Tensor) -> torch.Tensor:
@@ -170,9 +202,7 @@ class LogOddsMetric(Metric):
         self.compliance_tokens = tokenizer.convert_ids_to_tokens(self.compliance_ids)
 
     def encode(self, tokenizer, prompts: list[str]) -> Encoded:
-        ids, mask = encode_rows(tokenizer, prompts)
-        n = len(prompts)
-        return Encoded(ids, mask, torch.arange(n), n, [[] for _ in range(n)])
+        return encode_prompts(tokenizer, prompts)
 
     def __call__(self, logits: torch.Tensor, encoded: Encoded) -> torch.Tensor:
         logp = torch.log_softmax(_full_precision(logits[:, -1, :]), dim=-1)
@@ -221,12 +251,103 @@ class TeacherForcedMetric(Metric):
         return {"name": self.name, "refusal_reply": self.refusal, "compliance_reply": self.compliance}
 
 
+class CategoryMetric(Metric):
+    """Category evidence ``<logits[-1], u> − bias`` along a fitted vocabulary direction (see module docstring).
+
+    ``direction``: ``[vocab]``, unit norm, zero-sum; ``bias``: ``<(μ_T + μ_C)/2, u>``;
+    ``provenance``: JSON-able facts about the fit (``fit_category_metric``).
+    """
+
+    name = "category"
+    logits_to_keep = 1
+
+    def __init__(self, direction: torch.Tensor, bias: float, provenance: dict) -> None:
+        self.direction, self.bias, self.provenance = direction, float(bias), dict(provenance)
+
+    def encode(self, tokenizer, prompts: list[str]) -> Encoded:
+        return encode_prompts(tokenizer, prompts)
+
+    def __call__(self, logits: torch.Tensor, encoded: Encoded) -> torch.Tensor:
+        last = _full_precision(logits[:, -1, :])
+        return last @ self.direction.to(device=last.device, dtype=last.dtype) - self.bias
+
+    def describe(self) -> dict:
+        return {"name": self.name, **self.provenance}
+
+
+@torch.no_grad()
+def last_logits(model: torch.nn.Module, tokenizer, prompts: list[str], batch_size: int = 8,
+                on_batch: Callable[[], None] | None = None) -> torch.Tensor:
+    """Logits at the last prompt position, ``[n_prompts, vocab]`` on the CPU (float32, or float64 for float64 models)."""
+    device = next(model.parameters()).device
+    rows = []
+    for start in range(0, len(prompts), batch_size):
+        ids, mask = encode_rows(tokenizer, prompts[start : start + batch_size])
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), logits_to_keep=1).logits
+        rows.append(_full_precision(logits[:, -1, :]).cpu())
+        if on_batch:
+            on_batch()
+    return torch.cat(rows)
+
+
+def _token_names(tokenizer, ids: list[int]) -> list[str]:
+    """Token strings of ``ids``; ids past the tokenizer's vocabulary (padded LM-head rows) as ``<id N>``."""
+    names = tokenizer.convert_ids_to_tokens(ids)
+    return [name if isinstance(name, str) else f"<id {i}>" for i, name in zip(ids, names)]
+
+
+def fit_category_metric(
+    model: torch.nn.Module, tokenizer, target_texts: list[str], contrast_texts: list[str], batch_size: int = 8,
+    on_batch: Callable[[], None] | None = None,
+) -> CategoryMetric:
+    """Fit the ``category`` metric: difference of mean last-position log-softmax, target minus contrast.
+
+    Forward passes only (``ceil(n / batch_size)`` per group). ``provenance`` records the
+    number of prompts per side, the separation on the fit data (``fit_gap`` = mean metric
+    of target minus contrast prompts, which equals ``‖d‖``, and ``fit_gap_se``, the
+    unpaired standard error) and the ``TOP_TOKENS`` most positive / negative tokens of the
+    direction. Callers should evaluate the metric on other prompts too: on its fit data
+    the gap is ``‖d‖ > 0`` by construction, even for random labels.
+    """
+    if len(target_texts) < 2 or len(contrast_texts) < 2:
+        raise CdeltaError(
+            f"the category metric needs at least 2 target and 2 contrast prompts to fit (got {len(target_texts)} and {len(contrast_texts)})",
+            "pass at least 2 prompts per side",
+        )
+    target = torch.log_softmax(last_logits(model, tokenizer, target_texts, batch_size, on_batch).double(), dim=-1)
+    contrast = torch.log_softmax(last_logits(model, tokenizer, contrast_texts, batch_size, on_batch).double(), dim=-1)
+    mu_t, mu_c = target.mean(0), contrast.mean(0)
+    d = mu_t - mu_c
+    d = d - d.mean()
+    norm = float(d.norm())
+    if not norm > 0:
+        raise CdeltaError("target and contrast prompts give the same mean next-token distribution", "use prompts that differ in category")
+    u = d / norm
+    bias = float((mu_t + mu_c) @ u / 2)
+    m_t, m_c = target @ u - bias, contrast @ u - bias
+    order = torch.argsort(u, descending=True)
+    provenance = {
+        "fit_n_target": len(target_texts),
+        "fit_n_contrast": len(contrast_texts),
+        "fit_gap": float(m_t.mean() - m_c.mean()),
+        "fit_gap_se": float((m_t.var() / len(m_t) + m_c.var() / len(m_c)) ** 0.5),
+        "top_target_tokens": _token_names(tokenizer, order[:TOP_TOKENS].tolist()),
+        "top_contrast_tokens": _token_names(tokenizer, order.flip(0)[:TOP_TOKENS].tolist()),
+    }
+    return CategoryMetric(u, bias, provenance)
+
+
 def get_metric(metric: str | Metric, tokenizer) -> Metric:
-    """A metric instance from its name (``logodds`` | ``teacher-forced``) or an instance."""
+    """A metric instance from its name (``logodds`` | ``teacher-forced``) or an instance (e.g. a fitted ``CategoryMetric``)."""
     if isinstance(metric, Metric):
         return metric
     if metric == "logodds":
         return LogOddsMetric(tokenizer)
     if metric == "teacher-forced":
         return TeacherForcedMetric(tokenizer)
+    if metric in FITTED_METRICS:
+        raise CdeltaError(
+            f"the '{metric}' metric is fitted from prompts and cannot be built by name here",
+            "pass a fitted metric (cdelta.circuits.metric.fit_category_metric) or use localize(..., metric='category')",
+        )
     raise CdeltaError(f"unknown metric '{metric}'", f"use one of: {', '.join(METRICS)}")

@@ -44,8 +44,22 @@ from cdelta.errors import CdeltaError
 OTHER = "other"
 """Category of harmful prompts whose source label maps to no project category."""
 
-HELD_OUT_SOURCES = ("harmbench",)
-"""Sources reserved for out-of-distribution evaluation: never train or tune on them."""
+HELD_OUT_SOURCES = ("harmbench", "xstest")
+"""Evaluation-only sources: never train, select or tune on them (HarmBench: out-of-distribution
+harm; XSTest: over-refusal). ``check_trainable`` enforces it where prompts enter an edit."""
+
+
+def check_trainable(prompts: PromptSet, use: str = "training or selection") -> None:
+    """CdeltaError if any prompt comes from a ``HELD_OUT_SOURCES`` source.
+
+    Checked by source, so a held-out set re-split with ``with_splits`` is still caught.
+    """
+    found = sorted({p.source for p in prompts if p.source in HELD_OUT_SOURCES})
+    if found:
+        raise CdeltaError(
+            f"{', '.join(found)} prompts were given as {use} data, but {', '.join(found)} is evaluation-only",
+            "train and select on cdelta's own prompts; evaluate held-out sets with cdelta eval --prompts NAME_OR_FILE",
+        )
 
 
 # --------------------------------------------------------------------------- pinned files

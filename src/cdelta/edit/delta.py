@@ -1,4 +1,4 @@
-"""ΔθC: composing, applying and storing circuit-restricted weight updates.
+"""ΔθC: composing, applying, summing and storing circuit-restricted weight updates.
 
 A delta maps parameter names (as in the checkpoint's safetensors files) to dense
 float32 tensors that are zero outside the circuit. The sparse file stores, per
@@ -10,6 +10,7 @@ weights it was computed from.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import tempfile
 from pathlib import Path
@@ -120,17 +121,71 @@ def write_edited_checkpoint(base_dir: Path, delta: Delta, out_dir: Path) -> None
         staging.rename(out_dir)
 
 
-def apply_sparse_delta(base_dir: Path, delta_path: Path, out_dir: Path) -> dict:
-    """Verify the base weights' hash against the delta's manifest, then write base + delta."""
+def sum_deltas(deltas: list[Delta]) -> tuple[Delta, int]:
+    """The element-wise sum of ``deltas`` and the number of entries nonzero in more than one of them."""
+    total: Delta = {}
+    hits: dict[str, torch.Tensor] = {}
+    for delta in deltas:
+        for name, value in delta.items():
+            total[name] = total[name] + value if name in total else value.clone()
+            touched = (value != 0).to(torch.int32)
+            hits[name] = hits[name] + touched if name in hits else touched
+    return total, int(sum(int((h > 1).sum()) for h in hits.values()))
+
+
+def apply_sparse_deltas(base_dir: Path, delta_paths: list[Path], out_dir: Path) -> dict:
+    """Write base + the sum of one or more sparse deltas as a drop-in checkpoint with a model card.
+
+    Every delta must carry the same base weights sha256, and it must be ``base_dir``'s;
+    entries touched by several deltas get the sum of their values. Returns the model
+    card's info: base, ``params_touched`` (entries the sum changes), ``params_total``,
+    ``overlap_entries`` (entries touched by more than one delta), the parts' categories,
+    directions and k joined with ``+``, and ``composed_from`` (one summary per delta).
+    """
+    from cdelta.edit.export import write_model_card
     from cdelta.models.loading import weights_hash
 
-    delta, manifest = load_sparse(delta_path)
-    actual = weights_hash(Path(base_dir))
-    expected = manifest.get("base_weights_sha256")
-    if actual != expected:
+    if not delta_paths:
+        raise CdeltaError("no delta given", "pass at least one delta.safetensors written by cdelta run")
+    loaded = [load_sparse(Path(path)) for path in delta_paths]
+    bases = [manifest.get("base_weights_sha256") for _, manifest in loaded]
+    if len(set(bases)) > 1:
+        listing = ", ".join(f"{path} from {str(base)[:12]}…" for path, base in zip(delta_paths, bases))
         raise CdeltaError(
-            f"base weights hash {actual[:12]}… does not match the delta's base {str(expected)[:12]}…",
+            f"the deltas were computed from different base weights ({listing})",
+            "compose only deltas made from the same base checkpoint (same base_weights_sha256 in their manifests)",
+        )
+    actual = weights_hash(Path(base_dir))
+    if actual != bases[0]:
+        raise CdeltaError(
+            f"base weights hash {actual[:12]}… does not match the delta's base {str(bases[0])[:12]}…",
             "apply the delta to the exact base checkpoint it was computed from",
         )
-    write_edited_checkpoint(Path(base_dir), delta, Path(out_dir))
-    return manifest
+    total, overlap = sum_deltas([delta for delta, _ in loaded])
+    write_edited_checkpoint(Path(base_dir), total, Path(out_dir))
+    touched, params_total = count_touched(total), _weights_numel(Path(base_dir))
+    manifests = [manifest for _, manifest in loaded]
+    info = {
+        "base_model": manifests[0].get("base_model", Path(base_dir).name),
+        "base_weights_sha256": actual,
+        "params_touched": touched,
+        "params_total": params_total,
+        "params_touched_fraction": touched / params_total,
+        "overlap_entries": overlap,
+        **{key: "+".join(str(m.get(key)) for m in manifests) for key in ("category", "direction", "k")},
+        "composed_from": [
+            {"delta": str(path), "params_touched": count_touched(delta), **{key: m.get(key) for key in ("category", "direction", "k", "seed")}}
+            for path, (delta, m) in zip(delta_paths, loaded)
+        ],
+    }
+    write_model_card(Path(out_dir), info)
+    return info
+
+
+def _weights_numel(directory: Path) -> int:
+    """Entries stored in a model directory's safetensors weights (read from the headers only)."""
+    total = 0
+    for weights in sorted(directory.glob("*.safetensors")):
+        with safe_open(str(weights), framework="pt") as handle:
+            total += sum(math.prod(handle.get_slice(name).get_shape()) for name in handle.keys())
+    return total
