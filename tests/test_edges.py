@@ -6,9 +6,9 @@ import json
 
 import pytest
 import torch
-from conftest import make_tokenizer
+
 from scipy.stats import spearmanr
-from test_circuits import CLEAN, CORRUPT, _prompts, nonlinear_model
+from test_circuits import CLEAN, CORRUPT, _prompts, model, nonlinear_model, tok  # noqa: F401  (model, tok: shared fixtures)
 
 import cdelta.circuits.edges as edges_mod
 from cdelta.circuits import Circuit, attribute, localize
@@ -31,16 +31,6 @@ from cdelta.models.architecture import architecture_of
 from cdelta.models.loading import LoadedModel
 
 POSITIONS = ["suffix", "all"]
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return make_tokenizer()
-
-
-@pytest.fixture(scope="module", params=["llama", "qwen2"])
-def model(request, tok):
-    return nonlinear_model(request.param, tok)
 
 
 def _batch(model, tok, n_positions="suffix"):
