@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-
 from scipy.stats import spearmanr
 from test_circuits import CLEAN, CORRUPT, _prompts, model, nonlinear_model, tok  # noqa: F401  (model, tok: shared fixtures)
 
