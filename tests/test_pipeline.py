@@ -11,7 +11,7 @@ from cdelta.data.builtin import load_builtin
 from cdelta.edit.delta import load_sparse
 from cdelta.errors import CdeltaError
 from cdelta.models.loading import load_model
-from cdelta.pipeline import build_control, build_edit, off_target_cost, run_pipeline, selection_score
+from cdelta.pipeline import KL_LIMIT, build_control, build_edit, off_target_cost, pick_k, run_pipeline, selection_score
 
 
 def _config(model_dir) -> RunConfig:
@@ -98,3 +98,12 @@ def test_search_picks_size_and_k_and_is_recorded(tiny_llama_dir, tmp_path):
         torch.testing.assert_close(value, scaled[name])
     with pytest.raises(CdeltaError, match="direction refuse"):
         build_edit(cfg.model_copy(update={"direction": "lift"}), tmp_path / "lift", lm, log=lambda m: None)
+
+
+def test_k_choice_skips_scales_that_break_the_model():
+    intact = {"k": 1.0, "score": 0.2, "kl": 0.05}
+    broken = {"k": 2.0, "score": 0.3, "kl": 9.8}  # the higher score came from a destroyed model
+    assert pick_k([intact, broken]) is intact
+    assert pick_k([intact, {**broken, "kl": KL_LIMIT}])["k"] == 2.0, "at the limit a scale is still usable"
+    # when every scale breaks the model, the least-broken one is kept rather than none
+    assert pick_k([{**intact, "kl": 3.0}, broken])["k"] == 1.0

@@ -27,7 +27,9 @@ from cdelta.edit.delta import Delta, apply_to_model, compose, load_sparse, save_
 from cdelta.edit.export import export_edit, write_model_card
 from cdelta.edit.train import EditData, masked_finetune
 from cdelta.errors import CdeltaError
-from cdelta.evaluate import EvalConfig, evaluate_model, judge_generations, limit_per_category, refusal_stats
+from cdelta.evaluate import (
+    EvalConfig, evaluate_model, first_token_kl, judge_generations, limit_per_category, next_token_logprobs, refusal_stats,
+)
 from cdelta.io import atomic_write_json, provenance
 from cdelta.models.loading import LoadedModel, load_model
 from cdelta.stages import file_digest, fingerprint, run_stage
@@ -35,6 +37,9 @@ from cdelta.stages import file_digest, fingerprint, run_stage
 Log = Callable[[str], None]
 K_SELECT_TOKENS = 12
 """Tokens generated per validation prompt when choosing k (the judge reads the opening)."""
+KL_LIMIT = 1.0
+"""Largest mean first-token KL(base ‖ edited) on harmless validation prompts, in nats, of a usable scale k
+(a scale past it breaks the model: seen on Qwen, k = 2 of a lift edit gave KL 9.8 and perplexity ×14,000)."""
 HARMFUL_DROP_TOLERANCE = 0.05
 """Lift: how far another harmful category's refusal may fall before it counts against k."""
 
@@ -77,20 +82,32 @@ def selection_score(rates: dict[str, float], base: dict[str, float], targets: li
     return progress - 2 * off_target_cost(rates, base, targets, direction)
 
 
+def pick_k(trials: list[dict], kl_limit: float = KL_LIMIT) -> dict:
+    """The trial with the best ``score`` (ties: smaller k) among those whose harmless
+    first-token KL is at most ``kl_limit``; if every k exceeds it, the one with the least KL."""
+    usable = [t for t in trials if t["kl"] <= kl_limit] or [min(trials, key=lambda t: t["kl"])]
+    return max(usable, key=lambda t: (round(t["score"], 6), -t["k"]))
+
+
 def choose_k(lm: LoadedModel, delta: Delta, val: PromptSet, grid: list[float], cfg: RunConfig, judge, log: Log) -> dict:
-    """Evaluate base and base + k·ΔθC on validation prompts for each k; pick by ``selection_score``."""
+    """Evaluate base and base + k·ΔθC on validation prompts for each k; pick by ``selection_score``
+    among the scales that keep the model intact (``pick_k``: harmless first-token KL ≤ ``KL_LIMIT``)."""
     base = _quick_refusal(lm.model, lm.tokenizer, val, judge, cfg.eval_batch_size)
+    harmless = val.filter(kind=HARMLESS).texts()
+    reference = next_token_logprobs(lm.model, lm.tokenizer, harmless)
     trials = []
     for k in grid:
         edited = copy.deepcopy(lm.model)
         apply_to_model(edited, compose(delta, None, k))
         rates = _quick_refusal(edited, lm.tokenizer, val, judge, cfg.eval_batch_size)
         score = selection_score(rates, base, cfg.category, cfg.direction)
-        trials.append({"k": k, "rates": rates, "score": score})
-        log(f"k={k:g}: score {score:.3f} " + ", ".join(f"{c} {r:.0%}" for c, r in rates.items()))
+        kl = first_token_kl(reference, next_token_logprobs(edited, lm.tokenizer, harmless))
+        trials.append({"k": k, "rates": rates, "score": score, "kl": kl})
+        log(f"k={k:g}: score {score:.3f}, harmless KL {kl:.3f} " + ", ".join(f"{c} {r:.0%}" for c, r in rates.items()))
         del edited
-    best = max(trials, key=lambda t: (round(t["score"], 6), -t["k"]))
-    return {"k": best["k"], "base_rates": base, "trials": trials, "rule": selection_score.__doc__.split("\n")[0]}
+    best = pick_k(trials)
+    rule = f"{selection_score.__doc__.splitlines()[0]} Scales with harmless first-token KL > {KL_LIMIT:g} nats are excluded."
+    return {"k": best["k"], "base_rates": base, "trials": trials, "kl_limit": KL_LIMIT, "rule": rule}
 
 
 def validation_prompts(prompts: PromptSet, targets: list[str], seed: int) -> PromptSet:
@@ -335,7 +352,7 @@ def build_edit(cfg: RunConfig, run_dir: Path, lm: LoadedModel, log: Log = print,
         raw = train_for(size)
     else:
         size = cfg.circuit
-        k_key = {**edit_key, "circuit": size, "k": cfg.k, "k_grid": cfg.k_grid, "judge": cfg.judge}
+        k_key = {**edit_key, "circuit": size, "k": cfg.k, "k_grid": cfg.k_grid, "judge": cfg.judge, "kl_limit": KL_LIMIT}
         raw = train_for(size)
         k_info = run_stage(
             run_dir, "choose-k", k_key, ["k_selection.json"],

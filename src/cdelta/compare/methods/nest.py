@@ -103,7 +103,7 @@ def cached_edit(context: MethodContext, name: str, key: dict, build: Callable[[]
 def scale_on_val(context: MethodContext, cfg: RunConfig, raw: Delta, key: dict) -> dict:
     """k for ``raw`` on the validation split by C-Δθ's rule (``pipeline.choose_k``), cached; ``cfg.k`` if given."""
     from cdelta.judge import get_judge
-    from cdelta.pipeline import choose_k, validation_prompts
+    from cdelta.pipeline import KL_LIMIT, choose_k, validation_prompts
 
     def compute(path: Path) -> dict:
         if cfg.k is not None:
@@ -114,7 +114,7 @@ def scale_on_val(context: MethodContext, cfg: RunConfig, raw: Delta, key: dict) 
         atomic_write_json(path, info)
         return info
 
-    k_key = {**key, "k": cfg.k, "k_grid": cfg.k_grid, "judge": cfg.judge}
+    k_key = {**key, "k": cfg.k, "k_grid": cfg.k_grid, "judge": cfg.judge, "kl_limit": KL_LIMIT}
     return cached(context.out_dir, "choose-k", k_key, "k_selection.json", compute, lambda path: json.loads(path.read_text()), context.log, context.refit)
 
 
