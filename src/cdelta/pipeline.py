@@ -32,7 +32,7 @@ from cdelta.evaluate import (
 )
 from cdelta.io import atomic_write_json, provenance
 from cdelta.models.loading import LoadedModel, load_model
-from cdelta.stages import file_digest, fingerprint, run_stage
+from cdelta.stages import file_digest, fingerprint, prompts_digest, run_stage
 
 Log = Callable[[str], None]
 K_SELECT_TOKENS = 12
@@ -200,11 +200,6 @@ def _train_delta(lm: LoadedModel, masks, data: EditData, cfg: RunConfig, contras
     return compose(positive, negative, 1.0)
 
 
-def _prompt_key(prompts: PromptSet) -> str:
-    """Identity of a stage's prompts: a fingerprint of their ids and texts (an edited text changes it)."""
-    return fingerprint([(p.id, p.text) for p in prompts])
-
-
 def _cached_pairs(run_dir: Path, name: str, key: dict, make: Callable[[], list], log: Log) -> list[tuple[str, str]]:
     """(prompt, reply) pairs made once and stored as ``run_dir/name.json``."""
     path = run_dir / f"{name}.json"
@@ -240,6 +235,15 @@ def _lift_replies(lm: LoadedModel, prompts: PromptSet, target: PromptSet, cfg: R
     return pairs
 
 
+def _fixed_contrast_rule(category: str, metric: str) -> str | None:
+    """Why ``contrast = "auto"`` means the harm categories without measuring a refusal gap, or None."""
+    if category == LOOKALIKE:
+        return "look-alike target: corrupted prompts are the harm categories"
+    if metric == "category":
+        return "category metric: evidence for the category against the other harm categories"
+    return None
+
+
 def build_edit(cfg: RunConfig, run_dir: Path, lm: LoadedModel, log: Log = print, prompts: PromptSet | None = None) -> BuiltEdit:
     """Localize, train and scale ΔθC (resumable stages in ``run_dir``), without exporting or evaluating."""
     from cdelta.circuits.circuit import Circuit
@@ -260,14 +264,11 @@ def build_edit(cfg: RunConfig, run_dir: Path, lm: LoadedModel, log: Log = print,
         sub = run_dir / "localize" / category
         pool = localize_prompts(prompts, category)
         contrast = cfg.contrast
-        if contrast == "auto" and category == LOOKALIKE:
+        fixed_rule = _fixed_contrast_rule(category, cfg.localize_metric)
+        if contrast == "auto" and fixed_rule:
             contrast = "harmful"
-            contrasts[category] = {"chosen": contrast, "rule": "look-alike target: corrupted prompts are the harm categories"}
-            log(f"{category}: contrast {contrast} (look-alikes against every harm category)")
-        elif contrast == "auto" and cfg.localize_metric == "category":
-            contrast = "harmful"
-            contrasts[category] = {"chosen": contrast, "rule": "category metric: evidence for the category against the other harm categories"}
-            log(f"{category}: contrast {contrast} (category-evidence metric)")
+            contrasts[category] = {"chosen": contrast, "rule": fixed_rule}
+            log(f"{category}: contrast {contrast} ({fixed_rule})")
         elif contrast == "auto":
             path = sub / "contrast.json"
             sub.mkdir(parents=True, exist_ok=True)
@@ -296,10 +297,10 @@ def build_edit(cfg: RunConfig, run_dir: Path, lm: LoadedModel, log: Log = print,
     clock = time.perf_counter()
     judge = get_judge(cfg.judge)
     retain_set = retain_prompts(prompts, cfg.category, cfg.retain_counts(), cfg.seed)
-    retain = _cached_pairs(run_dir, "retain", {**base_key, "prompts": _prompt_key(retain_set)},
+    retain = _cached_pairs(run_dir, "retain", {**base_key, "prompts": prompts_digest(retain_set)},
                            lambda: own_reply_pairs(lm.model, lm.tokenizer, retain_set, 16), log)
     target = prompts.filter(split="train", category=cfg.category)
-    target_key = {**base_key, "prompts": _prompt_key(target)}
+    target_key = {**base_key, "prompts": prompts_digest(target)}
     if cfg.direction == "refuse":
         learned = sum((refusal_pairs(target.filter(category=c), c, cfg.seed) for c in cfg.category), [])
     else:
@@ -403,7 +404,7 @@ def _base_evaluation(lm: LoadedModel, sets: list[PromptSet], eval_cfg: EvalConfi
     from cdelta.models.bundled import cache_root
 
     key = {"model_sha256": lm.weights_sha256, "eval": vars(eval_cfg), "code": source_digest(),
-           "sets": [(s.name, [(p.id, p.text, p.category, p.kind, p.split) for p in s]) for s in sets]}
+           "sets": [(s.name, prompts_digest(s)) for s in sets]}
     path = cache_root().parent / "evals" / f"{fingerprint(key)}.json"
     if path.exists():
         log(f"base evaluation reused from {path}")

@@ -18,6 +18,11 @@ def fingerprint(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def prompts_digest(prompts) -> str:
+    """sha256 of every prompt's id, text, category, kind and split (identity of a ``PromptSet``'s data)."""
+    return fingerprint([(p.id, p.text, p.category, p.kind, p.split) for p in prompts])
+
+
 def file_digest(path: Path) -> str:
     """sha256 of one artifact file, to chain stage keys."""
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()

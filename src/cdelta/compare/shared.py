@@ -19,8 +19,7 @@ from typing import TYPE_CHECKING, NamedTuple, TypeVar
 import torch
 
 from cdelta.compare.base import MethodContext
-from cdelta.data.prompts import PromptSet
-from cdelta.stages import file_digest, fingerprint, run_stage
+from cdelta.stages import file_digest, prompts_digest, run_stage
 
 if TYPE_CHECKING:
     from cdelta.config import RunConfig
@@ -36,11 +35,6 @@ CDELTA_RUN_DIR = "cdelta-run"
 def shared_dir(context: MethodContext) -> Path:
     """Where artifacts shared between methods are cached (``out_dir`` when none is given)."""
     return context.shared_dir or context.out_dir
-
-
-def prompts_digest(prompts: PromptSet) -> str:
-    """sha256 of every prompt's id, text, category, kind and split (identity of the fitting data)."""
-    return fingerprint([(p.id, p.text, p.category, p.kind, p.split) for p in prompts])
 
 
 def cached(
