@@ -395,7 +395,10 @@ def fit_refusal_direction(
     * ``kl``     = first-token KL(base ‖ ablated) on the harmless prompts.
 
     If the base model refuses (``selection="bypass"``, the Arditi et al. rule), keep
-    candidates with ``kl < kl_max`` and ``induce > 0`` and take the lowest ``bypass``;
+    candidates with ``kl < kl_max`` and ``induce > 0`` and take the lowest ``bypass``.
+    ``bypass`` is scored for every candidate, ``induce`` and ``kl`` only in order of
+    ``bypass`` until the first eligible one: the same pick as scoring all three, for about
+    a third of the forward passes (rows never reached have no ``induce``/``kl``);
     otherwise (``selection="induce"``: there is no refusal to bypass) take the highest
     ``induce``. Candidate layers default to ``default_candidate_layers``.
     """
@@ -441,27 +444,36 @@ def fit_refusal_direction(
         base_bypass = reply_logprob(model, tokenizer, harmful_texts, harmful_refusals, max_reply_tokens)
         reference = next_token_logprobs(model, tokenizer, harmless_texts)
 
-    scores: list[dict] = []
     vectors: dict[tuple[int, Position], torch.Tensor] = {}
     for pos in positions:
         per_layer = direction_from(pos_acts[pos], neg_acts[pos], method)
-        for i, layer in enumerate(layers):
-            r = per_layer[i]
-            vectors[(layer, pos)] = r
-            row: dict = {"layer": layer, "position": pos, "norm": float(r.norm())}
-            with actadd_hooks(model, r, layer, alpha):
-                row["induce"] = reply_logprob(model, tokenizer, harmless_texts, harmless_refusals, max_reply_tokens) - base_induce
-            if selection == "bypass":
-                with ablation_hooks(model, r):
-                    row["bypass"] = reply_logprob(model, tokenizer, harmful_texts, harmful_refusals, max_reply_tokens) - base_bypass
-                    row["kl"] = first_token_kl(model, tokenizer, harmless_texts, reference)
-            scores.append(row)
+        vectors.update({(layer, pos): per_layer[i] for i, layer in enumerate(layers)})
+    scores = [{"layer": layer, "position": pos, "norm": float(r.norm())} for (layer, pos), r in vectors.items()]
 
-    if selection == "bypass":
-        eligible = [s for s in scores if s["kl"] < kl_max and s["induce"] > 0] or scores
-        best = min(eligible, key=lambda s: s["bypass"])
-    else:
+    def vector(row: dict) -> torch.Tensor:
+        return vectors[(row["layer"], row["position"])]
+
+    def score_induce(row: dict) -> None:
+        with actadd_hooks(model, vector(row), row["layer"], alpha):
+            row["induce"] = reply_logprob(model, tokenizer, harmless_texts, harmless_refusals, max_reply_tokens) - base_induce
+
+    if selection == "induce":
+        for row in scores:
+            score_induce(row)
         best = max(scores, key=lambda s: s["induce"])
+    else:
+        for row in scores:
+            with ablation_hooks(model, vector(row)):
+                row["bypass"] = reply_logprob(model, tokenizer, harmful_texts, harmful_refusals, max_reply_tokens) - base_bypass
+        by_bypass = sorted(scores, key=lambda s: s["bypass"])
+        best = by_bypass[0]  # the fallback when no candidate is eligible
+        for row in by_bypass:
+            score_induce(row)
+            with ablation_hooks(model, vector(row)):
+                row["kl"] = first_token_kl(model, tokenizer, harmless_texts, reference)
+            if row["kl"] < kl_max and row["induce"] > 0:
+                best = row
+                break
     info = {
         "seed": seed,
         "alpha_scored": alpha,
