@@ -116,7 +116,7 @@ def mmlu_accuracy(model: torch.nn.Module, tokenizer, items: list[dict], batch_si
     for start in range(0, len(items), batch_size):
         chunk = items[start : start + batch_size]
         batch = encode_chat(tokenizer, [_mmlu_prompt(item) for item in chunk], device)
-        logits = model(**batch).logits[:, -1, letter_ids]
+        logits = model(**batch, logits_to_keep=1).logits[:, -1, letter_ids]
         predicted = logits.argmax(-1).tolist()
         correct += sum("ABCD"[p] == item["correct_answer"].strip().upper() for p, item in zip(predicted, chunk))
     return correct / len(items)
@@ -129,7 +129,7 @@ def next_token_logprobs(model: torch.nn.Module, tokenizer, prompts: list[str], b
     rows = []
     for start in range(0, len(prompts), batch_size):
         batch = encode_chat(tokenizer, prompts[start : start + batch_size], device)
-        rows.append(F.log_softmax(model(**batch).logits[:, -1].float(), -1).cpu())
+        rows.append(F.log_softmax(model(**batch, logits_to_keep=1).logits[:, -1].float(), -1).cpu())
     return torch.cat(rows)
 
 

@@ -200,7 +200,7 @@ class RefusalTokens:
         rows = []
         for start in range(0, len(prompts), batch_size):
             batch = encode_chat(tokenizer, prompts[start : start + batch_size], device)
-            logits = model(**batch, position_ids=generation_position_ids(batch["attention_mask"])).logits[:, -1].float()
+            logits = model(**batch, position_ids=generation_position_ids(batch["attention_mask"]), logits_to_keep=1).logits[:, -1].float()
             rows.append(torch.log_softmax(logits, -1)[:, self.token_ids].cpu())
         return torch.cat(rows)
 
