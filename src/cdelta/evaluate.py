@@ -108,10 +108,14 @@ def _mmlu_prompt(item: dict) -> str:
 
 
 @torch.no_grad()
-def mmlu_accuracy(model: torch.nn.Module, tokenizer, items: list[dict], batch_size: int = 8) -> float:
-    """Fraction of items whose highest-scoring letter token (A–D) at the reply start is correct."""
+def mmlu_accuracy(model: torch.nn.Module, tokenizer, items: list[dict], batch_size: int = 16) -> float:
+    """Fraction of items whose highest-scoring letter token (A–D) at the reply start is correct.
+
+    Items are batched in order of prompt length (less padding; the score does not depend on order).
+    """
     device = next(model.parameters()).device
     letter_ids = [tokenizer.encode(letter, add_special_tokens=False)[0] for letter in "ABCD"]
+    items = sorted(items, key=lambda item: len(_mmlu_prompt(item)))
     correct = 0
     for start in range(0, len(items), batch_size):
         chunk = items[start : start + batch_size]
