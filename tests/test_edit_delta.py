@@ -1,5 +1,7 @@
 """ΔθC storage and application: sparse round trip, hash checks, identical results."""
 
+import json
+
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -53,3 +55,36 @@ def test_compose_is_scaled_difference():
     pos = {"w": torch.tensor([1.0, 2.0, 0.0])}
     neg = {"w": torch.tensor([0.5, 2.0, 0.0])}
     assert torch.equal(compose(pos, neg, 2.0)["w"], torch.tensor([1.0, 0.0, 0.0]))
+
+
+def test_head_and_mlp_slices_are_stored_as_dense_blocks(tmp_path):
+    q = torch.zeros(64, 32)
+    q[16:24] = torch.randn(8, 32)  # one head's rows
+    o = torch.zeros(32, 64)
+    o[:, 16:24] = torch.randn(32, 8)  # the same head's columns
+    o[3, 20] = 0.0  # a zero inside the block stays zero and is not counted
+    scattered = torch.zeros(64, 64)
+    scattered.view(-1)[torch.randperm(4096)[:10]] = 1.0
+    bias = torch.zeros(64)
+    bias[16:24] = 1.0
+    delta = {"q.weight": q, "o.weight": o, "mlp.weight": torch.randn(16, 8), "scattered.weight": scattered, "q.bias": bias}
+    save_sparse(delta, tmp_path / "d.safetensors", {"base_weights_sha256": "0" * 64})
+    loaded, header = load_sparse(tmp_path / "d.safetensors")
+    assert header["layouts"] == {"q.weight": "block", "o.weight": "block", "mlp.weight": "block", "scattered.weight": "flat", "q.bias": "flat"}
+    assert header["touched"] == sum(int((d != 0).sum()) for d in delta.values())
+    for name, value in delta.items():
+        assert torch.equal(loaded[name], value), name
+    values_bytes = 4 * (8 * 32 + 32 * 8 + 16 * 8)
+    assert (tmp_path / "d.safetensors").stat().st_size < values_bytes + 4096, "blocks cost their values, not an index per entry"
+
+
+def test_format_1_files_still_load(tmp_path):
+    from safetensors.torch import save_file
+
+    dense = torch.zeros(4, 4)
+    dense[1, 2], dense[3, 0] = 0.5, -2.0
+    index = torch.tensor([6, 12], dtype=torch.int64)
+    manifest = {"format": "cdelta-sparse-delta/1", "shapes": {"w": [4, 4]}, "touched": 2, "base_weights_sha256": "0" * 64}
+    save_file({"w::indices": index, "w::values": dense.view(-1)[index]}, str(tmp_path / "v1.safetensors"), metadata={"manifest": json.dumps(manifest)})
+    loaded, header = load_sparse(tmp_path / "v1.safetensors")
+    assert torch.equal(loaded["w"], dense) and header["format"] == "cdelta-sparse-delta/1"

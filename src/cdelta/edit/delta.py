@@ -1,10 +1,18 @@
 """ΔθC: composing, applying, summing and storing circuit-restricted weight updates.
 
 A delta maps parameter names (as in the checkpoint's safetensors files) to dense
-float32 tensors that are zero outside the circuit. The sparse file stores, per
-tensor, the flat indices of nonzero entries (int64) and their values (float32),
-with a manifest naming the base weights' sha256 so it is only ever applied to the
-weights it was computed from.
+float32 tensors that are zero outside the circuit. The sparse file stores each
+tensor in the smaller of two layouts, with a manifest naming the base weights'
+sha256 so it is only ever applied to the weights it was computed from:
+
+* ``block`` (2-D tensors): the rows and columns that hold a nonzero entry (int32) and
+  the dense float32 block at their crossing. A circuit's head slices are whole rows
+  (q/k/v) or columns (o_proj) and an MLP is whole matrices, so this costs the values
+  alone;
+* ``flat``: the flat indices of the nonzero entries (int32, int64 past 2³¹ entries)
+  and their float32 values.
+
+Files of format 1 (flat int64 indices for every tensor) are still read.
 """
 
 from __future__ import annotations
@@ -22,7 +30,8 @@ from safetensors.torch import load_file, save, save_file
 from cdelta.errors import CdeltaError
 from cdelta.io import atomic_write_bytes
 
-DELTA_FORMAT = "cdelta-sparse-delta/1"
+DELTA_FORMAT = "cdelta-sparse-delta/2"
+READABLE_FORMATS = ("cdelta-sparse-delta/1", DELTA_FORMAT)
 Delta = dict[str, torch.Tensor]
 
 
@@ -51,22 +60,44 @@ def apply_to_model(model: torch.nn.Module, delta: Delta) -> None:
         param.copy_((param.float() + value.to(param.device)).to(param.dtype))
 
 
+def _index_dtype(numel: int) -> torch.dtype:
+    return torch.int32 if numel < 2**31 else torch.int64
+
+
+def _encode(value: torch.Tensor) -> tuple[str, dict[str, torch.Tensor]] | None:
+    """``(layout, tensors)`` of one delta tensor in its smaller layout; None if it is all zero."""
+    flat = value.reshape(-1).float()
+    index = torch.nonzero(flat, as_tuple=False).reshape(-1)
+    if index.numel() == 0:
+        return None
+    if value.dim() == 2:
+        nonzero = value != 0
+        rows = torch.nonzero(nonzero.any(1), as_tuple=False).reshape(-1)
+        cols = torch.nonzero(nonzero.any(0), as_tuple=False).reshape(-1)
+        block_bytes = 4 * (rows.numel() * cols.numel() + rows.numel() + cols.numel())
+        if block_bytes <= index.numel() * (4 + _index_dtype(flat.numel()).itemsize):
+            block = value.float()[rows][:, cols]
+            return "block", {"rows": rows.to(torch.int32), "cols": cols.to(torch.int32), "values": block.contiguous()}
+    return "flat", {"indices": index.to(_index_dtype(flat.numel())), "values": flat[index].contiguous()}
+
+
 def save_sparse(delta: Delta, path: Path, manifest: dict) -> None:
-    """Write the sparse delta (indices + values per tensor) with ``manifest`` in its header, atomically.
+    """Write the sparse delta (each tensor ``block`` or ``flat``) with ``manifest`` in its header, atomically.
 
     Output is byte-identical for identical deltas and manifests.
     """
     tensors: dict[str, torch.Tensor] = {}
-    shapes = {}
+    shapes, layouts = {}, {}
+    touched = 0
     for name in sorted(delta):
-        flat = delta[name].reshape(-1).float()
-        index = torch.nonzero(flat, as_tuple=False).reshape(-1).to(torch.int64)
-        if index.numel() == 0:
+        encoded = _encode(delta[name])
+        if encoded is None:
             continue
-        tensors[f"{name}::indices"] = index.contiguous()
-        tensors[f"{name}::values"] = flat[index].contiguous()
+        layouts[name], parts = encoded
+        tensors.update({f"{name}::{part}": t.contiguous() for part, t in parts.items()})
         shapes[name] = list(delta[name].shape)
-    header = {**manifest, "format": DELTA_FORMAT, "shapes": shapes, "touched": sum(t.numel() for k, t in tensors.items() if k.endswith("::indices"))}
+        touched += int((delta[name] != 0).sum())
+    header = {**manifest, "format": DELTA_FORMAT, "shapes": shapes, "layouts": layouts, "touched": touched}
     atomic_write_bytes(path, save(tensors, metadata={"manifest": json.dumps(header, sort_keys=True)}))
 
 
@@ -77,7 +108,7 @@ def read_manifest(path: Path) -> dict:
             manifest = json.loads((handle.metadata() or {})["manifest"])
     except (OSError, KeyError, ValueError, json.JSONDecodeError) as exc:
         raise CdeltaError(f"{path} is not a cdelta sparse delta ({exc.__class__.__name__})", "pass the delta.safetensors written by cdelta") from None
-    if manifest.get("format") != DELTA_FORMAT:
+    if manifest.get("format") not in READABLE_FORMATS:
         raise CdeltaError(f"{path} has unknown delta format {manifest.get('format')!r}", f"expected {DELTA_FORMAT}")
     return manifest
 
@@ -87,10 +118,16 @@ def load_sparse(path: Path) -> tuple[Delta, dict]:
     manifest = read_manifest(path)
     tensors = load_file(str(path))
     delta: Delta = {}
+    layouts = manifest.get("layouts", {})
     for name, shape in manifest["shapes"].items():
-        dense = torch.zeros(int(torch.tensor(shape).prod()), dtype=torch.float32)
-        dense[tensors[f"{name}::indices"]] = tensors[f"{name}::values"]
-        delta[name] = dense.reshape(shape)
+        dense = torch.zeros(shape, dtype=torch.float32)
+        values = tensors[f"{name}::values"]
+        if layouts.get(name, "flat") == "block":
+            rows, cols = tensors[f"{name}::rows"].long(), tensors[f"{name}::cols"].long()
+            dense[rows.unsqueeze(1), cols.unsqueeze(0)] = values
+        else:
+            dense.view(-1)[tensors[f"{name}::indices"].long()] = values
+        delta[name] = dense
     return delta, manifest
 
 
