@@ -115,14 +115,14 @@ def mmlu_accuracy(model: torch.nn.Module, tokenizer, items: list[dict], batch_si
     """
     device = next(model.parameters()).device
     letter_ids = [tokenizer.encode(letter, add_special_tokens=False)[0] for letter in "ABCD"]
-    items = sorted(items, key=lambda item: len(_mmlu_prompt(item)))
+    ordered = sorted(((_mmlu_prompt(item), item) for item in items), key=lambda pair: len(pair[0]))
     correct = 0
-    for start in range(0, len(items), batch_size):
-        chunk = items[start : start + batch_size]
-        batch = encode_chat(tokenizer, [_mmlu_prompt(item) for item in chunk], device)
+    for start in range(0, len(ordered), batch_size):
+        chunk = ordered[start : start + batch_size]
+        batch = encode_chat(tokenizer, [prompt for prompt, _ in chunk], device)
         logits = model(**batch, logits_to_keep=1).logits[:, -1, letter_ids]
         predicted = logits.argmax(-1).tolist()
-        correct += sum("ABCD"[p] == item["correct_answer"].strip().upper() for p, item in zip(predicted, chunk))
+        correct += sum("ABCD"[p] == item["correct_answer"].strip().upper() for p, (_, item) in zip(predicted, chunk))
     return correct / len(items)
 
 
