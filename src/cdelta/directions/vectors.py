@@ -305,11 +305,12 @@ def reply_logprob(
 
 @torch.no_grad()
 def first_token_kl(model: torch.nn.Module, tokenizer, prompts: list[str], reference_logprobs: torch.Tensor, batch_size: int = 16) -> float:
-    """Mean KL(reference ‖ model) of the first reply token's distribution, in nats."""
+    """Mean KL(reference ‖ model) of the first reply token's distribution, in nats
+    (``evaluate.first_token_kl`` of the model's ``next_token_logprobs`` on ``prompts``)."""
+    from cdelta.evaluate import first_token_kl as kl_of_logprobs
     from cdelta.evaluate import next_token_logprobs
 
-    logprobs = next_token_logprobs(model, tokenizer, prompts, batch_size)
-    return F.kl_div(logprobs, reference_logprobs, log_target=True, reduction="batchmean").item()
+    return kl_of_logprobs(reference_logprobs, next_token_logprobs(model, tokenizer, prompts, batch_size))
 
 
 def base_refusal_rate(lm, prompts: list[str], max_new_tokens: int = 16, judge: str = "classifier") -> float:
