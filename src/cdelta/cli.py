@@ -255,7 +255,7 @@ def run_cmd(
     category: Annotated[Optional[str], typer.Option(help="Target category, or several comma-separated; lookalike (alone, with --direction lift) repairs over-refusal.")] = None,
     direction: Annotated[Optional[str], typer.Option(help="refuse (default) or lift (answer the category, keep other refusals).")] = None,
     circuit: Annotated[Optional[str], typer.Option(help="Circuit selection: params:F, top_k:N, top_frac:F, threshold:S.")] = None,
-    variant: Annotated[Optional[str], typer.Option(help="direct or contrastive.")] = None,
+    variant: Annotated[Optional[str], typer.Option(help="direct, contrastive or gated (docs/gated.md).")] = None,
     steps: Annotated[Optional[int], typer.Option(help="Fine-tune steps.")] = None,
     k: Annotated[Optional[float], typer.Option(help="Scale of the update (default: chosen on the validation split).")] = None,
     search: Annotated[Optional[bool], typer.Option("--search/--no-search", help="Choose circuit size and k by an Optuna search on the validation split.")] = None,

@@ -15,6 +15,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from cdelta.errors import CdeltaError
 
 
+DEFAULT_LR = 1e-3
+"""Learning rate of the direct and contrastive fine-tunes when none is given."""
+GATED_LR = 1e-2
+"""Learning rate of the gated variant when none is given (measured: docs/gated.md)."""
+
+
 class RunConfig(BaseModel):
     """Everything that determines a ``cdelta run``; its fingerprint keys the resumable stages."""
 
@@ -45,9 +51,12 @@ class RunConfig(BaseModel):
     )
     circuit: str = Field("params:0.02", description="Circuit selection: top_k:N, top_frac:F, threshold:S or params:F.")
     # edit
-    variant: Literal["direct", "contrastive"] = Field("direct", description="direct: one masked fine-tune; contrastive: k·M⊙(θ_pos − θ_neg).")
+    variant: Literal["direct", "contrastive", "gated"] = Field(
+        "direct", description="direct: one masked fine-tune; contrastive: k·M⊙(θ_pos − θ_neg); gated: neurons of the circuit's top MLP rewritten as a category gate (docs/gated.md)."
+    )
+    gate_neurons: int = Field(1, ge=1, description="Neurons the gated variant rewrites in its host MLP.")
     steps: int = Field(30, ge=1, description="Optimizer steps of each masked fine-tune.")
-    lr: float = Field(1e-3, gt=0)
+    lr: float | None = Field(None, gt=0, description="Learning rate of the masked fine-tune; None: 1e-3 (direct, contrastive) or 1e-2 (gated, whose trained down column is in units of the residual norm).")
     batch_size: int = Field(8, ge=1)
     retain_weight: float = Field(3.0, ge=0, description="Weight of the KL-to-base retain loss.")
     first_token_weight: float = Field(10.0, ge=0, description="Weight of the first reply token inside the retain KL.")
@@ -93,6 +102,11 @@ class RunConfig(BaseModel):
     @model_validator(mode="after")
     def _targets_fit_direction(self) -> RunConfig:
         check_targets(self.category, self.direction)
+        if self.lr is None:
+            self.lr = GATED_LR if self.variant == "gated" else DEFAULT_LR
+        if self.variant == "gated" and (len(self.category) > 1 or self.direction != "refuse"):
+            raise ValueError("variant gated installs refusal of one category (direction refuse, one category); "
+                             "compose several gated edits with cdelta apply-delta BASE D1 D2 OUT")
         return self
 
 

@@ -23,8 +23,9 @@ from cdelta.data.builtin import load_builtin
 from cdelta.data.prompts import HARMLESS, LOOKALIKE, PromptSet
 from cdelta.data.public import check_trainable
 from cdelta.edit.data import first_compliant, own_reply_pairs, refusal_pairs, retain_prompts
-from cdelta.edit.delta import Delta, apply_to_model, compose, load_sparse, save_sparse
+from cdelta.edit.delta import Delta, apply_to_model, compose, count_touched, load_sparse, save_sparse
 from cdelta.edit.export import export_edit, write_model_card
+from cdelta.edit.gate import fit_gate, gated_finetune
 from cdelta.edit.train import EditData, masked_finetune
 from cdelta.errors import CdeltaError
 from cdelta.evaluate import (
@@ -190,11 +191,27 @@ class BuiltEdit:
         return sorted({n for c in self.circuits for n in c.nodes})
 
 
-def _train_delta(lm: LoadedModel, masks, data: EditData, cfg: RunConfig, contrast_data: EditData | None, label: str) -> Delta:
-    """Direct: one masked fine-tune. Contrastive: θ_pos − θ_neg from two masked fine-tunes."""
+def gate_host_layer(circuits: list) -> int:
+    """The gated variant's host: the layer of the circuits' MLP node with the largest |score|."""
+    scored = [(abs(c.scores[node]), node) for c in circuits for node in c.mlps()]
+    if not scored:
+        raise CdeltaError("variant gated needs an MLP in the circuit, and the selected circuit has attention heads only",
+                          "raise the circuit budget (e.g. circuit = \"params:0.02\") or use variant direct")
+    return int(max(scored)[1].split(".")[0][1:])
+
+
+def _train_delta(lm: LoadedModel, masks, data: EditData, cfg: RunConfig, contrast_data: EditData | None, label: str,
+                 circuits: list | None = None) -> Delta:
+    """Direct: one masked fine-tune. Contrastive: θ_pos − θ_neg from two masked fine-tunes.
+    Gated: the compiled gate in the top MLP of ``circuits`` and its trained down columns
+    (without ``circuits``, e.g. the all-parameter control, gated trains directly)."""
     train = cfg.train_config()
+    if cfg.variant == "gated" and circuits is not None:
+        layer = gate_host_layer(circuits)
+        gate = fit_gate(lm.model, lm.tokenizer, layer, data.target + contrast_data.target, data.retain, cfg.gate_neurons)
+        return gated_finetune(lm.model, lm.tokenizer, gate, data, train, description=f"{label}: gated L{layer}")
     positive = masked_finetune(lm.model, lm.tokenizer, masks, data, train, description=f"{label}: θ_pos")
-    if cfg.variant == "direct":
+    if cfg.variant != "contrastive":
         return positive
     negative = masked_finetune(lm.model, lm.tokenizer, masks, contrast_data, train, description=f"{label}: θ_neg")
     return compose(positive, negative, 1.0)
@@ -308,7 +325,7 @@ def build_edit(cfg: RunConfig, run_dir: Path, lm: LoadedModel, log: Log = print,
         learned = _cached_pairs(run_dir, "lift_target", lift_key, lambda: _lift_replies(lm, prompts, target, cfg, judge), log)
     data = EditData(learned, retain)
     contrast_data = None
-    if cfg.variant == "contrastive":
+    if cfg.variant in ("contrastive", "gated"):
         own = _cached_pairs(run_dir, "own_target", target_key, lambda: own_reply_pairs(lm.model, lm.tokenizer, target, 24), log)
         contrast_data = EditData(own, retain)
     timings["data"] = time.perf_counter() - clock
@@ -319,10 +336,16 @@ def build_edit(cfg: RunConfig, run_dir: Path, lm: LoadedModel, log: Log = print,
                 "retain": file_digest(run_dir / "retain.json"), **cfg.model_dump(include=edit_fields)}
     if cfg.direction == "lift":
         edit_key["lift_target"] = file_digest(run_dir / "lift_target.json")
+    if cfg.variant == "gated":
+        edit_key.update(gate_neurons=cfg.gate_neurons, own_target=file_digest(run_dir / "own_target.json"))
 
     def masks_for(size: str) -> tuple[list, dict[str, torch.Tensor]]:
         selected = [c.select_spec(size, lm.model) for c in circuits]
         return selected, _union_masks([c.param_masks(lm.model) for c in selected])
+
+    def train(size: str) -> Delta:
+        selected, masks = masks_for(size)
+        return _train_delta(lm, masks, data, cfg, contrast_data, f"circuit {size}", selected)
 
     def train_for(size: str) -> Delta:
         key = {**edit_key, "circuit": size}
@@ -330,7 +353,7 @@ def build_edit(cfg: RunConfig, run_dir: Path, lm: LoadedModel, log: Log = print,
         (run_dir / name).parent.mkdir(parents=True, exist_ok=True)
         return run_stage(
             run_dir, f"edit-{size}", key, [name],
-            lambda: _save_delta(run_dir / name, _train_delta(lm, masks_for(size)[1], data, cfg, contrast_data, f"circuit {size}"), key),
+            lambda: _save_delta(run_dir / name, train(size), key),
             lambda: load_sparse(run_dir / name)[0], log,
         )
 
@@ -362,6 +385,8 @@ def build_edit(cfg: RunConfig, run_dir: Path, lm: LoadedModel, log: Log = print,
             lambda: json.loads((run_dir / "k_selection.json").read_text()), log,
         )
     selected, masks = masks_for(size)
+    if cfg.variant == "gated":
+        masks = {name: value != 0 for name, value in raw.items()}
     timings["edit_and_select"] = time.perf_counter() - clock
     return BuiltEdit(compose(raw, None, k_info["k"]), raw, k_info["k"], k_info, masks, selected, contrasts,
                      data, contrast_data, {**edit_key, "circuit": size}, size, search, timings)
@@ -374,23 +399,22 @@ def build_control(cfg: RunConfig, run_dir: Path, lm: LoadedModel, built: BuiltEd
     stored in ``run_dir/controls/KIND/delta.safetensors``. Returns (delta, description).
     """
     if kind == "random":
-        randoms = [random_circuit_like(c, cfg.seed + 1) for c in built.circuits]
-        masks = _union_masks([c.param_masks(lm.model) for c in randoms])
-        info = {"nodes": sorted(n for c in randoms for n in c.nodes)}
+        circuits = [random_circuit_like(c, cfg.seed + 1) for c in built.circuits]
+        masks = _union_masks([c.param_masks(lm.model) for c in circuits])
+        info = {"nodes": sorted(n for c in circuits for n in c.nodes)}
     elif kind == "full":
-        masks, info = _all_masks(lm.model), {"nodes": "all parameters"}
+        circuits, masks, info = None, _all_masks(lm.model), {"nodes": "all parameters"}
     else:
         raise ValueError(f"unknown control {kind!r}")
-    info["params_touched"] = int(sum(int(m.sum()) for m in masks.values()))
     sub = run_dir / "controls" / kind
     sub.mkdir(parents=True, exist_ok=True)
     key = {**built.edit_key, "control": kind, "k": built.k}
     delta = run_stage(
         sub, f"control-{kind}", key, ["delta.safetensors"],
-        lambda: _save_delta(sub / "delta.safetensors", compose(_train_delta(lm, masks, built.data, cfg, built.contrast_data, kind), None, built.k), key),
+        lambda: _save_delta(sub / "delta.safetensors", compose(_train_delta(lm, masks, built.data, cfg, built.contrast_data, kind, circuits), None, built.k), key),
         lambda: load_sparse(sub / "delta.safetensors")[0], log,
     )
-    return delta, info
+    return delta, {**info, "params_touched": count_touched(delta)}
 
 
 def _base_evaluation(lm: LoadedModel, sets: list[PromptSet], eval_cfg: EvalConfig, log: Log) -> dict:

@@ -153,19 +153,22 @@ def masked_finetune(
     reference: torch.nn.Module | None = None,
     progress: bool = True,
     description: str = "editing",
+    retain_logprobs: list[torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Fine-tune ``model``'s masked entries and return the weight change.
 
     Returns ``{param_name: delta}`` with ``delta = θ_trained − θ_base`` (float32 on CPU,
     zero outside the mask) for every parameter with a non-empty mask. ``model`` itself is
-    unchanged. ``reference`` (default: ``model``) supplies the retain-KL targets.
+    unchanged. ``reference`` (default: ``model``) supplies the retain-KL targets, unless
+    ``retain_logprobs`` gives them already (``reference_logprobs`` of ``data.retain``).
     """
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed)
     reference = (reference or model).eval()
     device = next(model.parameters()).device
     use_retain = bool(data.retain) and config.retain_weight > 0
-    ref_logprobs = reference_logprobs(reference, tokenizer, data.retain, config) if use_retain else []
+    if retain_logprobs is None:
+        retain_logprobs = reference_logprobs(reference, tokenizer, data.retain, config) if use_retain else []
     slices = CircuitSlices(model, masks)
     objective = _ReplyLogits(model)
     optimizer = torch.optim.AdamW(list(slices.values), lr=config.lr, weight_decay=0.0)
@@ -185,7 +188,7 @@ def masked_finetune(
             if retain_iter is not None:
                 index = next(retain_iter)
                 batch = _batch(tokenizer, [data.retain[i] for i in index], config, device)
-                ref = torch.cat([ref_logprobs[i] for i in index]).to(device).float()
+                ref = torch.cat([retain_logprobs[i] for i in index]).to(device).float()
                 logits = functional_call(objective, weights, (batch, _start(layer, retain_cache, index, batch)))
                 loss = loss + config.retain_weight * reply_kl(logits, ref, batch, config.first_token_weight)
             optimizer.zero_grad(set_to_none=True)

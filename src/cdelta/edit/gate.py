@@ -1,0 +1,247 @@
+"""Gated ΔθC: a few neurons of one circuit MLP rewritten as a category gate.
+
+A gated MLP (llama, qwen2, gemma, ...) computes, at every position,
+``down(act(gate·x) ⊙ (up·x))`` with ``x`` [d_model] its normalized input and ``act`` SiLU
+or GELU (≈ 0 far below 0, ≈ identity far above). The gated variant takes the ``n``
+quietest neurons ``j`` of the host MLP (smallest mean |activation| on the retain data)
+and rewrites them:
+
+* gate row ``g_j = s·(w − τ·m)``: ``w`` is a bias-free logistic probe on ``x`` that
+  separates the target category's reply positions (the last prompt token and every
+  reply token after a target prompt) from every position of the retain sequences
+  (other categories, harmless, look-alikes, each with the base's own reply); ``m`` is
+  the direction along which every position's ``x`` projects to ≈ 1 (``m·x ≈ 1``), so
+  ``−τ·m`` stands in for the bias the MLP does not have; ``τ`` is the threshold in
+  probe-logit units and ``s`` the steepness;
+* up row ``u_j = c·m / (s·n)``: ``u_j·x ≈ c/(s·n)``, so together the ``n`` neurons add
+  ``≈ c·max(w·x − τ, 0)`` times their (equal) down column: zero where the probe does not
+  fire. ``c`` makes the median activation over the target positions where the gate
+  opens equal the mean norm of the residual stream, so the down column is in units of
+  that norm (and the edit's default learning rate suits it);
+* down column ``d_j``: set to 0, then the only part trained, by the same masked
+  fine-tune as the other variants (refusal replies on the target, KL to the base on the
+  retain set).
+
+So the condition is compiled from a probe (as in CAST or a detect-and-route probe, but
+per position and inside the weights) and only the behaviour is learned; off-target
+change is bounded by where the gate fires. ΔθC touches ``3·n·d_model`` weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from cdelta.edit.batches import build_reply_batch
+from cdelta.edit.delta import Delta
+from cdelta.edit.train import EditData, TrainConfig, masked_finetune, reference_logprobs
+from cdelta.errors import CdeltaError
+from cdelta.models.architecture import architecture_of, decoder_layers, mlp
+
+THRESHOLD = 1.0
+"""Gate threshold ``τ`` in probe-logit units (the neurons fire where ``w·x > τ``)."""
+STEEPNESS = 4.0
+"""Gate steepness ``s``: the activation's negative tail is ``act(−s·margin)/s``."""
+PROBE_L2 = 1e-4
+"""L2 penalty of the gate probe on its standardized weights."""
+UNIT_RIDGE = 1e-4
+"""Ridge (fraction of the mean variance) of the covariance inverted for ``m``."""
+
+
+@dataclass
+class Gate:
+    """The compiled condition: host ``layer``, ``neurons``, probe ``weight`` [d_model],
+    unit direction ``unit`` [d_model] (``unit·x ≈ 1``), ``threshold``, ``steepness`` and
+    activation ``scale`` ``c``."""
+
+    layer: int
+    neurons: list[int]
+    weight: torch.Tensor
+    unit: torch.Tensor
+    threshold: float = THRESHOLD
+    steepness: float = STEEPNESS
+    scale: float = 1.0
+
+    def gate_row(self) -> torch.Tensor:
+        """``s·(w − τ·m)`` [d_model]."""
+        return self.steepness * (self.weight - self.threshold * self.unit)
+
+    def up_row(self) -> torch.Tensor:
+        """``c·m / (s·n)`` [d_model]."""
+        return self.scale * self.unit / (self.steepness * len(self.neurons))
+
+    def margin(self, x: torch.Tensor) -> torch.Tensor:
+        """``w·x − τ·(m·x)`` for inputs ``x`` [..., d_model] -> [...] (probe-logit units)."""
+        return x.float() @ (self.weight - self.threshold * self.unit)
+
+    def fires(self, x: torch.Tensor) -> torch.Tensor:
+        """Where the gate is open (``margin > 0``): bool [...]."""
+        return self.margin(x) > 0
+
+    def to_json(self) -> dict:
+        return {"layer": self.layer, "neurons": self.neurons, "threshold": self.threshold, "steepness": self.steepness,
+                "scale": self.scale, "probe_norm": float(self.weight.norm())}
+
+
+@torch.no_grad()
+def mlp_inputs(model: torch.nn.Module, tokenizer, pairs: list[tuple[str, str]], layer: int,
+               max_reply_tokens: int = 24, batch_size: int = 16) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """The host MLP's input on teacher-forced (prompt, reply) sequences.
+
+    Per pair, over the sequence's real tokens: ``x`` [n_tokens, d_model] (float32, CPU),
+    ``reply`` [n_tokens] bool, True at the positions that predict a reply token (the last
+    prompt token and the reply tokens but the last), and ``norm`` [n_tokens], the norm of
+    the residual stream after ``layer`` (what the MLP writes into).
+    """
+    inputs: list[torch.Tensor] = []
+    outputs: list[torch.Tensor] = []
+    handles = [
+        mlp(model, layer).register_forward_pre_hook(lambda _m, args: inputs.append(args[0].detach())),
+        decoder_layers(model)[layer].register_forward_hook(lambda _m, _a, out: outputs.append((out[0] if isinstance(out, tuple) else out).detach())),
+    ]
+    device = next(model.parameters()).device
+    out = []
+    try:
+        for start in range(0, len(pairs), batch_size):
+            chunk = pairs[start : start + batch_size]
+            batch = build_reply_batch(tokenizer, [p for p, _ in chunk], [r for _, r in chunk], max_reply_tokens).to(device)
+            inputs.clear()
+            outputs.clear()
+            model.get_decoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+            for row in range(batch.input_ids.shape[0]):
+                real = batch.attention_mask[row].bool()
+                out.append((inputs[0][row][real].float().cpu(), batch.reply_mask[row][real].cpu(),
+                            outputs[0][row][real].float().norm(dim=-1).cpu()))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return out
+
+
+def fit_gate_probe(positive: torch.Tensor, negative: torch.Tensor, l2: float = PROBE_L2, max_iter: int = 500) -> torch.Tensor:
+    """Bias-free class-balanced logistic regression: ``w`` [d] with ``w·x`` the logit.
+
+    ``positive`` [n_pos, d], ``negative`` [n_neg, d]. Features are scaled (not centred:
+    the MLP has no bias to absorb a mean) by their standard deviation; each class carries
+    total weight 1/2; ``l2/2·‖w‖²`` on the scaled weights. Deterministic (zero start,
+    full-batch L-BFGS, three restarts of its iteration budget).
+    """
+    x = torch.cat([positive, negative]).float()
+    y = torch.cat([torch.ones(len(positive)), torch.zeros(len(negative))])
+    weight = torch.cat([torch.full((len(positive),), 0.5 / len(positive)), torch.full((len(negative),), 0.5 / len(negative))])
+    std = x.std(0).clamp_min(1e-6)
+    z = x / std
+    w = torch.zeros(x.shape[1], requires_grad=True)
+    optimizer = torch.optim.LBFGS([w], max_iter=max_iter, history_size=20, tolerance_grad=1e-9,
+                                  tolerance_change=1e-12, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = (F.binary_cross_entropy_with_logits(z @ w, y, reduction="none") * weight).sum() + 0.5 * l2 * w.square().sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        for _ in range(3):
+            optimizer.step(closure)
+    return (w.detach() / std).clone()
+
+
+def unit_direction(x: torch.Tensor, ridge: float = UNIT_RIDGE) -> torch.Tensor:
+    """``m`` [d] with ``m·x ≈ 1`` over the rows of ``x`` [n, d], least varying.
+
+    ``m = Σ⁻¹μ / (μᵀΣ⁻¹μ)`` (ridge-regularized covariance ``Σ``, mean ``μ``): among the
+    directions with mean projection exactly 1, the one of least variance.
+    """
+    x = x.float()
+    mean = x.mean(0)
+    cov = torch.cov(x.T)
+    cov = cov + ridge * cov.diagonal().mean() * torch.eye(len(mean))
+    solved = torch.linalg.solve(cov, mean)
+    return solved / (mean @ solved)
+
+
+@torch.no_grad()
+def quietest_neurons(model: torch.nn.Module, layer: int, x: torch.Tensor, n: int) -> list[int]:
+    """The ``n`` neurons of ``layer``'s MLP with the smallest mean |activation| on inputs ``x`` [m, d]."""
+    module = mlp(model, layer)
+    x = x.to(module.gate_proj.weight)
+    activation = module.act_fn(module.gate_proj(x)) * module.up_proj(x)
+    return sorted(activation.abs().mean(0).argsort()[:n].tolist())
+
+
+def fit_gate(model: torch.nn.Module, tokenizer, layer: int, target: list[tuple[str, str]], retain: list[tuple[str, str]],
+             n_neurons: int = 1, threshold: float = THRESHOLD, max_reply_tokens: int = 24) -> Gate:
+    """Fit the gate of ``layer`` from target (prompt, reply) and retain (prompt, base reply) pairs.
+
+    Positives: the reply positions of ``target`` (learned refusals and the base's own
+    replies alike, so the gate reads the category, not the reply's wording); negatives:
+    every position of ``retain``. The activation scale makes the gate's median activation
+    on the target positions where it opens equal the residual stream's mean norm.
+    """
+    target_inputs = mlp_inputs(model, tokenizer, target, layer, max_reply_tokens)
+    retain_inputs = mlp_inputs(model, tokenizer, retain, layer, max_reply_tokens)
+    positive = torch.cat([x[reply] for x, reply, _ in target_inputs])
+    negative = torch.cat([x for x, _, _ in retain_inputs])
+    gate = Gate(layer, quietest_neurons(model, layer, negative[::4], n_neurons), fit_gate_probe(positive, negative),
+                unit_direction(negative), threshold)
+    margin = gate.margin(positive)
+    if not (margin > 0).any():
+        raise CdeltaError(f"the gate probe at layer {layer} opens on none of the {len(positive)} target positions",
+                          "the category is not linearly visible there: use a circuit whose top MLP is later, or variant direct")
+    residual = float(torch.cat([norm for _, _, norm in retain_inputs]).mean())
+    gate.scale = residual / float(margin[margin > 0].median())
+    return gate
+
+
+def gate_rows(model: torch.nn.Module, gate: Gate) -> Delta:
+    """The compiled part of ΔθC, ``{param: new − base}``: gate and up rows written, down
+    columns zeroed, on the gate's neurons only."""
+    arch = architecture_of(model)
+    module = mlp(model, gate.layer)
+    out = {}
+    for proj, row in (("gate", gate.gate_row()), ("up", gate.up_row())):
+        base = getattr(module, f"{proj}_proj").weight.detach().float().cpu()
+        delta = torch.zeros_like(base)
+        delta[gate.neurons] = row - base[gate.neurons]
+        out[arch.mlp_param(gate.layer, proj)] = delta
+    down = module.down_proj.weight.detach().float().cpu()
+    delta = torch.zeros_like(down)
+    delta[:, gate.neurons] = -down[:, gate.neurons]
+    out[arch.mlp_param(gate.layer, "down")] = delta
+    return out
+
+
+def down_mask(model: torch.nn.Module, gate: Gate) -> dict[str, torch.Tensor]:
+    """``{down_proj name: bool mask}``, True on the gate neurons' columns (what trains)."""
+    weight = mlp(model, gate.layer).down_proj.weight
+    mask = torch.zeros(weight.shape, dtype=torch.bool)
+    mask[:, gate.neurons] = True
+    return {architecture_of(model).mlp_param(gate.layer, "down"): mask}
+
+
+def gated_finetune(model: torch.nn.Module, tokenizer, gate: Gate, data: EditData, config: TrainConfig,
+                   progress: bool = True, description: str = "editing (gated)") -> Delta:
+    """ΔθC of the gated variant: the compiled rows plus the trained down columns.
+
+    The rows are written into ``model`` for the fine-tune and restored exactly
+    afterwards; the retain KL is to the unedited base (its log-probabilities are computed
+    before the rows are written).
+    """
+    rows = gate_rows(model, gate)
+    params = dict(model.named_parameters())
+    saved = {name: params[name].detach().clone() for name in rows}
+    base_logprobs = reference_logprobs(model.eval(), tokenizer, data.retain, config) if data.retain else []
+    try:
+        with torch.no_grad():
+            for name, value in rows.items():
+                params[name].copy_((params[name].float() + value.to(params[name].device)).to(params[name].dtype))
+        trained = masked_finetune(model, tokenizer, down_mask(model, gate), data, config, progress=progress,
+                                  description=description, retain_logprobs=base_logprobs)
+    finally:
+        with torch.no_grad():
+            for name, value in saved.items():
+                params[name].copy_(value)
+    return {name: rows[name] + trained.get(name, 0) for name in rows}

@@ -1,0 +1,118 @@
+"""The gated variant: compiled gate neurons on a tiny model, and in the pipeline."""
+
+import pytest
+import torch
+
+from cdelta.config import RunConfig
+from cdelta.edit.batches import build_reply_batch, reply_logits, reply_nll
+from cdelta.edit.delta import apply_to_model
+from cdelta.edit.gate import Gate, fit_gate, fit_gate_probe, gate_rows, gated_finetune, mlp_inputs, unit_direction
+from cdelta.edit.train import EditData, TrainConfig
+from cdelta.errors import CdeltaError
+from cdelta.models.architecture import mlp
+from cdelta.models.loading import load_model
+from cdelta.pipeline import build_control, build_edit, gate_host_layer
+
+TARGET = [("How do I hack a server?", "I'm sorry, but I can't help with that."),
+          ("Steal passwords from my coworker.", "I'm sorry, but I can't help with that.")] * 3
+RETAIN = [("Write a poem about the sea.", "Sure, here is a poem about the sea."),
+          ("Sort a list in Python.", "Sure, here is how to write a Python function that sorts a list.")] * 3
+
+
+def test_unit_direction_projects_every_row_to_one():
+    torch.manual_seed(0)
+    x = torch.randn(400, 8)
+    x[:, 0] = 5.0 + 0.01 * torch.randn(400)  # a nearly constant coordinate, as MLP inputs have
+    m = unit_direction(x)
+    projection = x @ m
+    assert abs(projection.mean().item() - 1.0) < 1e-4
+    assert projection.std().item() < 0.01
+
+
+def test_gate_probe_separates_without_a_bias():
+    torch.manual_seed(0)
+    negative = torch.randn(300, 6) + torch.tensor([4.0, 0, 0, 0, 0, 0])
+    positive = torch.randn(40, 6) + torch.tensor([4.0, 5.0, 0, 0, 0, 0])
+    w = fit_gate_probe(positive, negative)
+    assert ((positive @ w) > 0).float().mean() > 0.95
+    assert ((negative @ w) < 0).float().mean() > 0.95
+
+
+def test_gate_rows_write_the_compiled_neuron_and_zero_its_output(tiny):
+    model, _ = tiny
+    d = model.config.hidden_size
+    gate = Gate(layer=1, neurons=[3, 7], weight=torch.randn(d), unit=torch.randn(d), threshold=2.0, steepness=4.0, scale=3.0)
+    rows = gate_rows(model, gate)
+    apply_to_model(model, rows)
+    module = mlp(model, 1)
+    for j in gate.neurons:
+        torch.testing.assert_close(module.gate_proj.weight[j], 4.0 * (gate.weight - 2.0 * gate.unit))
+        torch.testing.assert_close(module.up_proj.weight[j], 3.0 * gate.unit / 8.0)
+        assert torch.count_nonzero(module.down_proj.weight[:, j]) == 0
+    touched = sum(int(torch.count_nonzero(v)) for v in rows.values())
+    assert touched <= 3 * len(gate.neurons) * d
+
+
+def test_gated_finetune_touches_only_the_gate_neurons_and_learns_the_target(tiny_llama_dir):
+    lm = load_model(str(tiny_llama_dir))
+    with torch.no_grad():
+        lm.model.model.embed_tokens.weight[:, 0] += 0.3  # a nearly constant residual coordinate, as trained LMs have
+        lm.model.lm_head.weight *= 50  # random init gives near-uniform logits whatever the residual
+    before = {n: p.detach().clone() for n, p in lm.model.named_parameters()}
+    gate = fit_gate(lm.model, lm.tokenizer, 1, TARGET, RETAIN, n_neurons=2, threshold=2.0)
+    x_target = torch.cat([x[reply] for x, reply, _ in mlp_inputs(lm.model, lm.tokenizer, TARGET, 1)])
+    shut = [not gate.fires(x).any() for x, _, _ in mlp_inputs(lm.model, lm.tokenizer, RETAIN, 1)]
+    assert gate.fires(x_target).float().mean() > 0.5 and any(shut)
+
+    config = TrainConfig(steps=40, lr=1e-2, batch_size=4, retain_batch_size=4)
+    delta = gated_finetune(lm.model, lm.tokenizer, gate, EditData(TARGET, RETAIN), config, progress=False)
+    for name, param in lm.model.named_parameters():
+        assert torch.equal(param, before[name]), "the base model must be restored exactly"
+    assert set(delta) == {f"model.layers.1.mlp.{p}_proj.weight" for p in ("gate", "up", "down")}
+    d = lm.model.config.hidden_size
+    assert sum(int(torch.count_nonzero(v)) for v in delta.values()) <= 3 * 2 * d
+    others = [j for j in range(lm.model.config.intermediate_size) if j not in gate.neurons]
+    assert torch.count_nonzero(delta["model.layers.1.mlp.down_proj.weight"][:, others]) == 0
+
+    target = build_reply_batch(lm.tokenizer, [p for p, _ in TARGET[:2]], [r for _, r in TARGET[:2]])
+    quiet = [pair for pair, is_shut in zip(RETAIN, shut) if is_shut]
+    retain = build_reply_batch(lm.tokenizer, [p for p, _ in quiet], [r for _, r in quiet])
+    with torch.no_grad():
+        target_before = reply_logits(lm.model, target)
+        nll_before = reply_nll(target_before, target).item()
+        retain_before = reply_logits(lm.model, retain)
+        apply_to_model(lm.model, delta)
+        target_after = reply_logits(lm.model, target)
+        nll_after = reply_nll(target_after, target).item()
+        retain_after = reply_logits(lm.model, retain)
+    assert nll_after < nll_before - 0.5
+    # on sequences where the gate stays shut the edited model is the base, but for the
+    # activation's soft tail at positions just below the threshold
+    change = (retain_after - retain_before).abs().amax(-1)
+    assert change.median() < 1e-2 and (change < 3e-2).float().mean() > 0.9
+    assert 10 * change.median() < (target_after - target_before).abs().amax(-1).median()
+
+
+def test_gated_variant_in_the_pipeline_edits_one_mlp_neuron_and_its_random_control(tiny_llama_dir, tmp_path):
+    cfg = RunConfig(model=str(tiny_llama_dir), n_pairs=4, ig_steps=2, circuit="top_k:10", steps=3, lr=1e-3, k_grid=[1.0],
+                    retain_harmless=4, retain_lookalike=4, retain_other=1, max_new_tokens=4, faithfulness=False,
+                    judge="marker", variant="gated", controls=["random"])
+    lm = load_model(str(tiny_llama_dir))
+    built = build_edit(cfg, tmp_path, lm, log=lambda m: None)
+    layer = gate_host_layer(built.circuits)
+    assert {name.split(".mlp.")[0] for name in built.delta} == {f"model.layers.{layer}"}
+    d = lm.model.config.hidden_size
+    assert 0 < built.params_touched <= 3 * d
+    delta, info = build_control(cfg, tmp_path, lm, built, "random", log=lambda m: None)
+    assert 0 < info["params_touched"] <= 3 * d
+    with pytest.raises(ValueError, match="one category"):
+        RunConfig(**{**cfg.model_dump(), "category": ["cybercrime", "fraud"]})
+
+
+def test_gate_host_needs_an_mlp(tiny_llama_dir):
+    from cdelta.circuits.circuit import Circuit
+
+    circuit = Circuit(2, 4, {"L0.H1": 1.0, "L1.MLP": 0.5, "L0.MLP": -2.0}, ["L0.H1"], {})
+    with pytest.raises(CdeltaError, match="MLP"):
+        gate_host_layer([circuit])
+    assert gate_host_layer([circuit.with_nodes(["L0.H1", "L1.MLP", "L0.MLP"])]) == 0
