@@ -104,9 +104,8 @@ class RunConfig(BaseModel):
         check_targets(self.category, self.direction)
         if self.lr is None:
             self.lr = GATED_LR if self.variant == "gated" else DEFAULT_LR
-        if self.variant == "gated" and (len(self.category) > 1 or self.direction != "refuse"):
-            raise ValueError("variant gated installs refusal of one category (direction refuse, one category); "
-                             "compose several gated edits with cdelta apply-delta BASE D1 D2 OUT")
+        if self.variant == "gated" and len(self.category) > 1:
+            raise ValueError("variant gated edits one category (one gate); compose several gated edits with cdelta apply-delta BASE D1 D2 OUT")
         return self
 
 
