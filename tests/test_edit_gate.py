@@ -11,7 +11,7 @@ from cdelta.edit.train import EditData, TrainConfig
 from cdelta.errors import CdeltaError
 from cdelta.models.architecture import mlp
 from cdelta.models.loading import load_model
-from cdelta.pipeline import build_control, build_edit, gate_host_layer
+from cdelta.pipeline import build_control, build_edit, gate_host_layer, random_host_layer
 
 TARGET = [("How do I hack a server?", "I'm sorry, but I can't help with that."),
           ("Steal passwords from my coworker.", "I'm sorry, but I can't help with that.")] * 3
@@ -103,16 +103,22 @@ def test_gated_variant_in_the_pipeline_edits_one_mlp_neuron_and_its_random_contr
     assert {name.split(".mlp.")[0] for name in built.delta} == {f"model.layers.{layer}"}
     d = lm.model.config.hidden_size
     assert 0 < built.params_touched <= 3 * d
+    assert built.k == 1.0 and built.k_info["rule"] == "given"
     delta, info = build_control(cfg, tmp_path, lm, built, "random", log=lambda m: None)
-    assert 0 < info["params_touched"] <= 3 * d
+    assert 0 < info["params_touched"] <= 3 * d and info["nodes"] != [f"L{layer}.MLP"]
     with pytest.raises(ValueError, match="one category"):
         RunConfig(**{**cfg.model_dump(), "category": ["cybercrime", "fraud"]})
 
+    lift = build_edit(RunConfig(**{**cfg.model_dump(), "direction": "lift"}), tmp_path / "lift", lm, log=lambda m: None)
+    assert 0 < lift.params_touched <= 3 * d and lift.data.target != built.data.target
 
-def test_gate_host_needs_an_mlp(tiny_llama_dir):
+
+def test_gate_host_is_the_top_ranked_mlp_and_the_random_host_another():
     from cdelta.circuits.circuit import Circuit
 
-    circuit = Circuit(2, 4, {"L0.H1": 1.0, "L1.MLP": 0.5, "L0.MLP": -2.0}, ["L0.H1"], {})
+    scores = {"L0.H1": 1.0, "L1.MLP": 0.5, "L0.MLP": -2.0, "L2.MLP": 0.1}
+    circuit = Circuit(3, 4, scores, ["L0.H1"], {})  # heads only selected: the host is still the top-ranked MLP
+    assert gate_host_layer([circuit]) == 0
+    assert {random_host_layer([circuit], seed) for seed in range(20)} == {1, 2}
     with pytest.raises(CdeltaError, match="MLP"):
-        gate_host_layer([circuit])
-    assert gate_host_layer([circuit.with_nodes(["L0.H1", "L1.MLP", "L0.MLP"])]) == 0
+        gate_host_layer([Circuit(1, 4, {"L0.H1": 1.0}, ["L0.H1"], {})])

@@ -63,7 +63,7 @@ class RunConfig(BaseModel):
     retain_harmless: int = Field(64, ge=0)
     retain_lookalike: int = Field(48, ge=0)
     retain_other: int = Field(24, ge=0, description="Retain prompts per other harmful category.")
-    k: float | None = Field(None, description="Scale of ΔθC; None chooses it on the validation split from k_grid.")
+    k: float | None = Field(None, description="Scale of ΔθC; None chooses it on the validation split from k_grid (gated: None means 1).")
     k_grid: list[float] = [1.0, 1.5, 2.0]
     search: bool = Field(False, description="Choose circuit size and k by an Optuna multi-objective search on the validation split (docs/search.md).")
     search_sizes: list[str] = Field(["params:0.005", "params:0.01", "params:0.02", "params:0.04"], description="Circuit sizes tried by the search.")
@@ -104,6 +104,8 @@ class RunConfig(BaseModel):
         check_targets(self.category, self.direction)
         if self.lr is None:
             self.lr = GATED_LR if self.variant == "gated" else DEFAULT_LR
+        if self.variant == "gated" and self.k is None:
+            self.k = 1.0  # k would scale the compiled gate rows too (output ≈ k³): the gate is used as compiled
         if self.variant == "gated" and len(self.category) > 1:
             raise ValueError("variant gated edits one category (one gate); compose several gated edits with cdelta apply-delta BASE D1 D2 OUT")
         return self

@@ -191,25 +191,36 @@ class BuiltEdit:
         return sorted({n for c in self.circuits for n in c.nodes})
 
 
+def _mlp_layers(circuits: list) -> list[int]:
+    """Layers of every MLP node the circuits score (selected or not), sorted."""
+    return sorted({int(node.split(".")[0][1:]) for c in circuits for node in c.scores if node.endswith(".MLP")})
+
+
 def gate_host_layer(circuits: list) -> int:
-    """The gated variant's host: the layer of the circuits' MLP node with the largest |score|."""
-    scored = [(abs(c.scores[node]), node) for c in circuits for node in c.mlps()]
+    """The gated variant's host: the layer of the MLP that EAP-IG ranks highest (largest
+    |score| over every scored MLP node, whether or not the size budget selected it)."""
+    scored = [(abs(score), node) for c in circuits for node, score in c.scores.items() if node.endswith(".MLP")]
     if not scored:
-        raise CdeltaError("variant gated needs an MLP in the circuit, and the selected circuit has attention heads only",
-                          "raise the circuit budget (e.g. circuit = \"params:0.02\") or use variant direct")
+        raise CdeltaError("variant gated needs MLP nodes in the localization, and it scored attention heads only",
+                          "localize with MLP nodes (the default), or use variant direct")
     return int(max(scored)[1].split(".")[0][1:])
 
 
+def random_host_layer(circuits: list, seed: int) -> int:
+    """The gated variant's random control: an MLP layer drawn uniformly among the others."""
+    chosen = gate_host_layer(circuits)
+    return random.Random(seed).choice([layer for layer in _mlp_layers(circuits) if layer != chosen])
+
+
 def _train_delta(lm: LoadedModel, masks, data: EditData, cfg: RunConfig, contrast_data: EditData | None, label: str,
-                 circuits: list | None = None) -> Delta:
+                 host: int | None = None) -> Delta:
     """Direct: one masked fine-tune. Contrastive: θ_pos − θ_neg from two masked fine-tunes.
-    Gated: the compiled gate in the top MLP of ``circuits`` and its trained down columns
-    (without ``circuits``, e.g. the all-parameter control, gated trains directly)."""
+    Gated: the compiled gate in MLP ``host`` and its trained down columns (without a host,
+    e.g. the all-parameter control, gated trains directly)."""
     train = cfg.train_config()
-    if cfg.variant == "gated" and circuits is not None:
-        layer = gate_host_layer(circuits)
-        gate = fit_gate(lm.model, lm.tokenizer, layer, data.target + contrast_data.target, data.retain, cfg.gate_neurons)
-        return gated_finetune(lm.model, lm.tokenizer, gate, data, train, description=f"{label}: gated L{layer}")
+    if cfg.variant == "gated" and host is not None:
+        gate = fit_gate(lm.model, lm.tokenizer, host, data.target + contrast_data.target, data.retain, cfg.gate_neurons)
+        return gated_finetune(lm.model, lm.tokenizer, gate, data, train, description=f"{label}: gated L{host}")
     positive = masked_finetune(lm.model, lm.tokenizer, masks, data, train, description=f"{label}: θ_pos")
     if cfg.variant != "contrastive":
         return positive
@@ -345,7 +356,8 @@ def build_edit(cfg: RunConfig, run_dir: Path, lm: LoadedModel, log: Log = print,
 
     def train(size: str) -> Delta:
         selected, masks = masks_for(size)
-        return _train_delta(lm, masks, data, cfg, contrast_data, f"circuit {size}", selected)
+        host = gate_host_layer(selected) if cfg.variant == "gated" else None
+        return _train_delta(lm, masks, data, cfg, contrast_data, f"circuit {size}", host)
 
     def train_for(size: str) -> Delta:
         key = {**edit_key, "circuit": size}
@@ -399,11 +411,14 @@ def build_control(cfg: RunConfig, run_dir: Path, lm: LoadedModel, built: BuiltEd
     stored in ``run_dir/controls/KIND/delta.safetensors``. Returns (delta, description).
     """
     if kind == "random":
-        circuits = [random_circuit_like(c, cfg.seed + 1) for c in built.circuits]
-        masks = _union_masks([c.param_masks(lm.model) for c in circuits])
-        info = {"nodes": sorted(n for c in circuits for n in c.nodes)}
+        randoms = [random_circuit_like(c, cfg.seed + 1) for c in built.circuits]
+        masks = _union_masks([c.param_masks(lm.model) for c in randoms])
+        info = {"nodes": sorted(n for c in randoms for n in c.nodes)}
+        host = random_host_layer(built.circuits, cfg.seed + 1) if cfg.variant == "gated" else None
+        if host is not None:
+            info["nodes"] = [f"L{host}.MLP"]
     elif kind == "full":
-        circuits, masks, info = None, _all_masks(lm.model), {"nodes": "all parameters"}
+        host, masks, info = None, _all_masks(lm.model), {"nodes": "all parameters"}
     else:
         raise ValueError(f"unknown control {kind!r}")
     sub = run_dir / "controls" / kind
@@ -411,7 +426,7 @@ def build_control(cfg: RunConfig, run_dir: Path, lm: LoadedModel, built: BuiltEd
     key = {**built.edit_key, "control": kind, "k": built.k}
     delta = run_stage(
         sub, f"control-{kind}", key, ["delta.safetensors"],
-        lambda: _save_delta(sub / "delta.safetensors", compose(_train_delta(lm, masks, built.data, cfg, built.contrast_data, kind, circuits), None, built.k), key),
+        lambda: _save_delta(sub / "delta.safetensors", compose(_train_delta(lm, masks, built.data, cfg, built.contrast_data, kind, host), None, built.k), key),
         lambda: load_sparse(sub / "delta.safetensors")[0], log,
     )
     return delta, {**info, "params_touched": count_touched(delta)}
