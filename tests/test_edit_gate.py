@@ -100,6 +100,7 @@ def test_gated_variant_in_the_pipeline_edits_one_mlp_neuron_and_its_random_contr
     lm = load_model(str(tiny_llama_dir))
     built = build_edit(cfg, tmp_path, lm, log=lambda m: None)
     layer = gate_host_layer(built.circuits)
+    assert built.host == layer and built.circuit_nodes == [f"L{layer}.MLP"]
     assert {name.split(".mlp.")[0] for name in built.delta} == {f"model.layers.{layer}"}
     d = lm.model.config.hidden_size
     assert 0 < built.params_touched <= 3 * d

@@ -164,7 +164,8 @@ class BuiltEdit:
     ``delta`` is already scaled by the chosen ``k``; ``raw`` is the unscaled one;
     ``circuit`` is the selection spec used (``cfg.circuit``, or the search's pick).
     ``masks`` are the circuit's boolean parameter masks (name → tensor of the
-    parameter's shape).
+    parameter's shape); for the gated variant, the entries ΔθC changes, and ``host`` is
+    the layer of its MLP.
     """
 
     delta: Delta
@@ -180,6 +181,7 @@ class BuiltEdit:
     circuit: str
     search: dict | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    host: int | None = None
 
     @property
     def params_touched(self) -> int:
@@ -188,6 +190,9 @@ class BuiltEdit:
 
     @property
     def circuit_nodes(self) -> list[str]:
+        """The nodes ΔθC changes: the circuit's, or the gated variant's host MLP."""
+        if self.host is not None:
+            return [f"L{self.host}.MLP"]
         return sorted({n for c in self.circuits for n in c.nodes})
 
 
@@ -397,11 +402,12 @@ def build_edit(cfg: RunConfig, run_dir: Path, lm: LoadedModel, log: Log = print,
             lambda: json.loads((run_dir / "k_selection.json").read_text()), log,
         )
     selected, masks = masks_for(size)
+    host = None
     if cfg.variant == "gated":
-        masks = {name: value != 0 for name, value in raw.items()}
+        host, masks = gate_host_layer(selected), {name: value != 0 for name, value in raw.items()}
     timings["edit_and_select"] = time.perf_counter() - clock
     return BuiltEdit(compose(raw, None, k_info["k"]), raw, k_info["k"], k_info, masks, selected, contrasts,
-                     data, contrast_data, {**edit_key, "circuit": size}, size, search, timings)
+                     data, contrast_data, {**edit_key, "circuit": size}, size, search, timings, host)
 
 
 def build_control(cfg: RunConfig, run_dir: Path, lm: LoadedModel, built: BuiltEdit, kind: str, log: Log = print) -> tuple[Delta, dict]:
@@ -411,12 +417,13 @@ def build_control(cfg: RunConfig, run_dir: Path, lm: LoadedModel, built: BuiltEd
     stored in ``run_dir/controls/KIND/delta.safetensors``. Returns (delta, description).
     """
     if kind == "random":
-        randoms = [random_circuit_like(c, cfg.seed + 1) for c in built.circuits]
-        masks = _union_masks([c.param_masks(lm.model) for c in randoms])
-        info = {"nodes": sorted(n for c in randoms for n in c.nodes)}
-        host = random_host_layer(built.circuits, cfg.seed + 1) if cfg.variant == "gated" else None
-        if host is not None:
-            info["nodes"] = [f"L{host}.MLP"]
+        if cfg.variant == "gated":
+            host = random_host_layer(built.circuits, cfg.seed + 1)
+            masks, info = {}, {"nodes": [f"L{host}.MLP"]}
+        else:
+            randoms = [random_circuit_like(c, cfg.seed + 1) for c in built.circuits]
+            host, masks = None, _union_masks([c.param_masks(lm.model) for c in randoms])
+            info = {"nodes": sorted(n for c in randoms for n in c.nodes)}
     elif kind == "full":
         host, masks, info = None, _all_masks(lm.model), {"nodes": "all parameters"}
     else:
