@@ -190,7 +190,7 @@ def fit_gate(model: torch.nn.Module, tokenizer, layer: int, target: list[tuple[s
     margin = gate.margin(positive)
     if not (margin > 0).any():
         raise CdeltaError(f"the gate probe at layer {layer} opens on none of the {len(positive)} target positions",
-                          "the category is not linearly visible there: use a circuit whose top MLP is later, or variant direct")
+                          "the category is not linearly visible at that layer: use variant direct")
     residual = float(torch.cat([norm for _, _, norm in retain_inputs]).mean())
     gate.scale = residual / float(margin[margin > 0].median())
     return gate
