@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from cdelta.circuits.hooks import parse_node_id
 from cdelta.config import RunConfig, check_targets
 from cdelta.data.builtin import load_builtin
 from cdelta.data.prompts import HARMLESS, LOOKALIKE, PromptSet
@@ -196,25 +197,25 @@ class BuiltEdit:
         return sorted({n for c in self.circuits for n in c.nodes})
 
 
-def _mlp_layers(circuits: list) -> list[int]:
-    """Layers of every MLP node the circuits score (selected or not), sorted."""
-    return sorted({int(node.split(".")[0][1:]) for c in circuits for node in c.scores if node.endswith(".MLP")})
+def _scored_mlps(circuits: list) -> list[tuple[float, int]]:
+    """``(|score|, layer)`` of every MLP node the circuits score (selected or not)."""
+    return [(abs(score), parse_node_id(node)[0]) for c in circuits for node, score in c.scores.items() if node.endswith(".MLP")]
 
 
 def gate_host_layer(circuits: list) -> int:
     """The gated variant's host: the layer of the MLP that EAP-IG ranks highest (largest
     |score| over every scored MLP node, whether or not the size budget selected it)."""
-    scored = [(abs(score), node) for c in circuits for node, score in c.scores.items() if node.endswith(".MLP")]
+    scored = _scored_mlps(circuits)
     if not scored:
         raise CdeltaError("variant gated needs MLP nodes in the localization, and it scored attention heads only",
                           "localize with MLP nodes (the default), or use variant direct")
-    return int(max(scored)[1].split(".")[0][1:])
+    return max(scored)[1]
 
 
 def random_host_layer(circuits: list, seed: int) -> int:
     """The gated variant's random control: an MLP layer drawn uniformly among the others."""
     chosen = gate_host_layer(circuits)
-    return random.Random(seed).choice([layer for layer in _mlp_layers(circuits) if layer != chosen])
+    return random.Random(seed).choice(sorted({layer for _, layer in _scored_mlps(circuits) if layer != chosen}))
 
 
 def _train_delta(lm: LoadedModel, masks, data: EditData, cfg: RunConfig, contrast_data: EditData | None, label: str,
