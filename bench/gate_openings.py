@@ -25,6 +25,7 @@ import torch
 from cdelta.data.builtin import load_builtin
 from cdelta.data.public import load_ppl_text
 from cdelta.edit.delta import apply_to_model, load_sparse
+from cdelta.edit.gate import neuron_activations
 from cdelta.models.architecture import mlp
 from cdelta.models.chat import encode_chat
 from cdelta.models.loading import load_model
@@ -50,8 +51,7 @@ def activations(model, layer: int, neurons: list[int], **inputs) -> torch.Tensor
         model(**inputs)
     finally:
         handle.remove()
-    x = store[0]
-    return (module.act_fn(module.gate_proj(x)) * module.up_proj(x))[..., neurons].sum(-1)
+    return neuron_activations(module, store[0])[..., neurons].sum(-1)
 
 
 def main() -> None:

@@ -34,11 +34,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from cdelta.directions.vectors import capture_residuals
 from cdelta.edit.batches import build_reply_batch
-from cdelta.edit.delta import Delta
+from cdelta.edit.delta import Delta, apply_to_model
 from cdelta.edit.train import EditData, TrainConfig, masked_finetune, reference_logprobs
 from cdelta.errors import CdeltaError
-from cdelta.models.architecture import architecture_of, decoder_layers, mlp
+from cdelta.models.architecture import architecture_of, mlp
 
 THRESHOLD = 1.0
 """Gate threshold ``τ`` in probe-logit units (the neurons fire where ``w·x > τ``)."""
@@ -96,27 +97,22 @@ def mlp_inputs(model: torch.nn.Module, tokenizer, pairs: list[tuple[str, str]], 
     the residual stream after ``layer`` (what the MLP writes into).
     """
     inputs: list[torch.Tensor] = []
-    outputs: list[torch.Tensor] = []
-    handles = [
-        mlp(model, layer).register_forward_pre_hook(lambda _m, args: inputs.append(args[0].detach())),
-        decoder_layers(model)[layer].register_forward_hook(lambda _m, _a, out: outputs.append((out[0] if isinstance(out, tuple) else out).detach())),
-    ]
+    handle = mlp(model, layer).register_forward_pre_hook(lambda _m, args: inputs.append(args[0].detach()))
     device = next(model.parameters()).device
     out = []
     try:
-        for start in range(0, len(pairs), batch_size):
-            chunk = pairs[start : start + batch_size]
-            batch = build_reply_batch(tokenizer, [p for p, _ in chunk], [r for _, r in chunk], max_reply_tokens).to(device)
-            inputs.clear()
-            outputs.clear()
-            model.get_decoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
-            for row in range(batch.input_ids.shape[0]):
-                real = batch.attention_mask[row].bool()
-                out.append((inputs[0][row][real].float().cpu(), batch.reply_mask[row][real].cpu(),
-                            outputs[0][row][real].float().norm(dim=-1).cpu()))
+        with capture_residuals(model, [layer]) as residuals:
+            for start in range(0, len(pairs), batch_size):
+                chunk = pairs[start : start + batch_size]
+                batch = build_reply_batch(tokenizer, [p for p, _ in chunk], [r for _, r in chunk], max_reply_tokens).to(device)
+                inputs.clear()
+                model.get_decoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+                for row in range(batch.input_ids.shape[0]):
+                    real = batch.attention_mask[row].bool()
+                    out.append((inputs[0][row][real].float().cpu(), batch.reply_mask[row][real].cpu(),
+                                residuals[layer][row][real].float().norm(dim=-1).cpu()))
     finally:
-        for handle in handles:
-            handle.remove()
+        handle.remove()
     return out
 
 
@@ -163,12 +159,16 @@ def unit_direction(x: torch.Tensor, ridge: float = UNIT_RIDGE) -> torch.Tensor:
     return solved / (mean @ solved)
 
 
+def neuron_activations(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A gated MLP's hidden activations ``act(gate·x) ⊙ (up·x)``: [..., d_model] -> [..., d_mlp]."""
+    return module.act_fn(module.gate_proj(x)) * module.up_proj(x)
+
+
 @torch.no_grad()
 def quietest_neurons(model: torch.nn.Module, layer: int, x: torch.Tensor, n: int) -> list[int]:
     """The ``n`` neurons of ``layer``'s MLP with the smallest mean |activation| on inputs ``x`` [m, d]."""
     module = mlp(model, layer)
-    x = x.to(module.gate_proj.weight)
-    activation = module.act_fn(module.gate_proj(x)) * module.up_proj(x)
+    activation = neuron_activations(module, x.to(module.gate_proj.weight))
     return sorted(activation.abs().mean(0).argsort()[:n].tolist())
 
 
@@ -233,11 +233,10 @@ def gated_finetune(model: torch.nn.Module, tokenizer, gate: Gate, data: EditData
     rows = gate_rows(model, gate)
     params = dict(model.named_parameters())
     saved = {name: params[name].detach().clone() for name in rows}
-    base_logprobs = reference_logprobs(model.eval(), tokenizer, data.retain, config) if data.retain else []
+    use_retain = bool(data.retain) and config.retain_weight > 0
+    base_logprobs = reference_logprobs(model.eval(), tokenizer, data.retain, config) if use_retain else []
     try:
-        with torch.no_grad():
-            for name, value in rows.items():
-                params[name].copy_((params[name].float() + value.to(params[name].device)).to(params[name].dtype))
+        apply_to_model(model, rows)
         trained = masked_finetune(model, tokenizer, down_mask(model, gate), data, config, progress=progress,
                                   description=description, retain_logprobs=base_logprobs)
     finally:
