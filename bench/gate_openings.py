@@ -25,7 +25,7 @@ import torch
 from cdelta.data.builtin import load_builtin
 from cdelta.data.public import load_ppl_text
 from cdelta.edit.delta import apply_to_model, load_sparse
-from cdelta.edit.gate import neuron_activations
+from cdelta.edit.gate import neuron_activations, recording_mlp_input
 from cdelta.models.architecture import mlp
 from cdelta.models.chat import encode_chat
 from cdelta.models.loading import load_model
@@ -44,14 +44,9 @@ def host_of(delta: dict[str, torch.Tensor]) -> tuple[int, list[int]]:
 @torch.no_grad()
 def activations(model, layer: int, neurons: list[int], **inputs) -> torch.Tensor:
     """Summed activation of ``neurons`` in ``layer``'s MLP at every position: [batch, seq]."""
-    store: list[torch.Tensor] = []
-    module = mlp(model, layer)
-    handle = module.register_forward_pre_hook(lambda _m, args: store.append(args[0]))
-    try:
+    with recording_mlp_input(model, layer) as store:
         model(**inputs)
-    finally:
-        handle.remove()
-    return neuron_activations(module, store[0])[..., neurons].sum(-1)
+    return neuron_activations(mlp(model, layer), store[0])[..., neurons].sum(-1)
 
 
 def main() -> None:

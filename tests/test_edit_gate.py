@@ -6,7 +6,8 @@ import torch
 from cdelta.config import RunConfig
 from cdelta.edit.batches import build_reply_batch, reply_logits, reply_nll
 from cdelta.edit.delta import apply_to_model
-from cdelta.edit.gate import Gate, fit_gate, fit_gate_probe, gate_rows, gated_finetune, mlp_inputs, unit_direction
+from cdelta.edit.gate import (Gate, fit_gate, fit_gate_probe, gate_rows, gated_finetune, mlp_inputs, plain_text_inputs,
+                              unit_direction)
 from cdelta.edit.train import EditData, TrainConfig
 from cdelta.errors import CdeltaError
 from cdelta.models.architecture import mlp
@@ -53,16 +54,35 @@ def test_gate_rows_write_the_compiled_neuron_and_zero_its_output(tiny):
     assert touched <= 3 * len(gate.neurons) * d
 
 
-def test_gated_finetune_touches_only_the_gate_neurons_and_learns_the_target(tiny_llama_dir):
+def _chatty_tiny(tiny_llama_dir):
+    """The tiny model with what the gate relies on in trained LMs: a nearly constant residual
+    coordinate, logits that depend on the residual, and a residual that knows it is in a chat."""
     lm = load_model(str(tiny_llama_dir))
     with torch.no_grad():
-        lm.model.model.embed_tokens.weight[:, 0] += 0.3  # a nearly constant residual coordinate, as trained LMs have
+        lm.model.model.embed_tokens.weight[:, 0] += 0.3
         lm.model.lm_head.weight *= 50  # random init gives near-uniform logits whatever the residual
+        lm.model.model.embed_tokens.weight[lm.tokenizer.convert_tokens_to_ids("<|im_start|>"), 1] += 10.0
+    return lm
+
+
+def test_fit_gate_reads_the_chat_not_the_topic(tiny_llama_dir):
+    lm = _chatty_tiny(tiny_llama_dir)
+    gate = fit_gate(lm.model, lm.tokenizer, 1, TARGET, RETAIN, n_neurons=2, threshold=1.0)
+    chat = torch.cat([x[reply] for x, reply, _ in mlp_inputs(lm.model, lm.tokenizer, TARGET, 1)])
+    plain = torch.cat(plain_text_inputs(lm.model, lm.tokenizer, [f"{p}\n\n{r}" for p, r in TARGET], 1))
+    retain = torch.cat([x for x, _, _ in mlp_inputs(lm.model, lm.tokenizer, RETAIN, 1)])
+    opens = {name: gate.fires(x).float().mean().item() for name, x in [("chat", chat), ("plain", plain), ("retain", retain)]}
+    assert opens["chat"] > 0.5 and opens["plain"] < opens["chat"] / 2 and opens["retain"] < 0.1, opens
+
+
+def test_gated_finetune_touches_only_the_gate_neurons_and_learns_the_target(tiny_llama_dir):
+    lm = _chatty_tiny(tiny_llama_dir)
     before = {n: p.detach().clone() for n, p in lm.model.named_parameters()}
-    gate = fit_gate(lm.model, lm.tokenizer, 1, TARGET, RETAIN, n_neurons=2, threshold=2.0)
+    gate = fit_gate(lm.model, lm.tokenizer, 1, TARGET, RETAIN, n_neurons=2, threshold=1.0)
     x_target = torch.cat([x[reply] for x, reply, _ in mlp_inputs(lm.model, lm.tokenizer, TARGET, 1)])
-    shut = [not gate.fires(x).any() for x, _, _ in mlp_inputs(lm.model, lm.tokenizer, RETAIN, 1)]
-    assert gate.fires(x_target).float().mean() > 0.5 and any(shut)
+    x_retain = torch.cat([x[reply] for x, reply, _ in mlp_inputs(lm.model, lm.tokenizer, RETAIN, 1)])
+    shut = gate.margin(x_retain) < -1.0  # a probe-logit unit below the threshold
+    assert gate.fires(x_target).float().mean() > 0.5 and shut.float().mean() > 0.5
 
     config = TrainConfig(steps=40, lr=1e-2, batch_size=4, retain_batch_size=4)
     delta = gated_finetune(lm.model, lm.tokenizer, gate, EditData(TARGET, RETAIN), config, progress=False)
@@ -74,9 +94,8 @@ def test_gated_finetune_touches_only_the_gate_neurons_and_learns_the_target(tiny
     others = [j for j in range(lm.model.config.intermediate_size) if j not in gate.neurons]
     assert torch.count_nonzero(delta["model.layers.1.mlp.down_proj.weight"][:, others]) == 0
 
-    target = build_reply_batch(lm.tokenizer, [p for p, _ in TARGET[:2]], [r for _, r in TARGET[:2]])
-    quiet = [pair for pair, is_shut in zip(RETAIN, shut) if is_shut]
-    retain = build_reply_batch(lm.tokenizer, [p for p, _ in quiet], [r for _, r in quiet])
+    target = build_reply_batch(lm.tokenizer, [p for p, _ in TARGET[:2]], [r for _, r in TARGET[:2]], 24)
+    retain = build_reply_batch(lm.tokenizer, [p for p, _ in RETAIN], [r for _, r in RETAIN], 24)
     with torch.no_grad():
         target_before = reply_logits(lm.model, target)
         nll_before = reply_nll(target_before, target).item()
@@ -86,11 +105,12 @@ def test_gated_finetune_touches_only_the_gate_neurons_and_learns_the_target(tiny
         nll_after = reply_nll(target_after, target).item()
         retain_after = reply_logits(lm.model, retain)
     assert nll_after < nll_before - 0.5
-    # on sequences where the gate stays shut the edited model is the base, but for the
-    # activation's soft tail at positions just below the threshold
-    change = (retain_after - retain_before).abs().amax(-1)
-    assert change.median() < 1e-2 and (change < 3e-2).float().mean() > 0.9
-    assert 10 * change.median() < (target_after - target_before).abs().amax(-1).median()
+    # where the gate stays shut the edited model is the base (layer 1 is the last, so a
+    # position's logits depend on its own MLP only), but for the activation's soft tail
+    # (one probe-logit unit below the threshold it is act(-s)/s of the open scale)
+    change = (retain_after - retain_before).abs().amax(-1)[shut]
+    opened = (target_after - target_before).abs().amax(-1)
+    assert 10 * change.median() < opened.median() and 3 * change.quantile(0.9) < opened.median()
 
 
 def test_gated_variant_in_the_pipeline_edits_one_mlp_neuron_and_its_random_control(tiny_llama_dir, tmp_path):

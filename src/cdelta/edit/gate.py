@@ -9,8 +9,10 @@ and rewrites them:
 * gate row ``g_j = s·(w − τ·m)``: ``w`` is a bias-free logistic probe on ``x`` that
   separates the target category's reply positions (the last prompt token and every
   reply token after a target prompt) from every position of the retain sequences
-  (other categories, harmless, look-alikes, each with the base's own reply); ``m`` is
-  the direction along which every position's ``x`` projects to ≈ 1 (``m·x ≈ 1``), so
+  (other categories, harmless, look-alikes, each with the base's own reply) and from
+  every position of the retain and target sequences as plain text (the same words
+  without the chat template, as prose reaches the model); ``m`` is
+  the direction along which every negative position's ``x`` projects to ≈ 1 (``m·x ≈ 1``), so
   ``−τ·m`` stands in for the bias the MLP does not have; ``τ`` is the threshold in
   probe-logit units and ``s`` the steepness;
 * up row ``u_j = c·m / (s·n)``: ``u_j·x ≈ c/(s·n)``, so together the ``n`` neurons add
@@ -29,6 +31,8 @@ change is bounded by where the gate fires. ΔθC touches ``3·n·d_model`` weigh
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -86,6 +90,17 @@ class Gate:
                 "scale": self.scale, "probe_norm": float(self.weight.norm())}
 
 
+@contextmanager
+def recording_mlp_input(model: torch.nn.Module, layer: int) -> Iterator[list[torch.Tensor]]:
+    """Within the block, every forward pass appends ``layer``'s MLP input [batch, seq, d_model] to the yielded list."""
+    inputs: list[torch.Tensor] = []
+    handle = mlp(model, layer).register_forward_pre_hook(lambda _m, args: inputs.append(args[0].detach()))
+    try:
+        yield inputs
+    finally:
+        handle.remove()
+
+
 @torch.no_grad()
 def mlp_inputs(model: torch.nn.Module, tokenizer, pairs: list[tuple[str, str]], layer: int,
                max_reply_tokens: int = 24, batch_size: int = 16) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
@@ -96,23 +111,34 @@ def mlp_inputs(model: torch.nn.Module, tokenizer, pairs: list[tuple[str, str]], 
     prompt token and the reply tokens but the last), and ``norm`` [n_tokens], the norm of
     the residual stream after ``layer`` (what the MLP writes into).
     """
-    inputs: list[torch.Tensor] = []
-    handle = mlp(model, layer).register_forward_pre_hook(lambda _m, args: inputs.append(args[0].detach()))
     device = next(model.parameters()).device
     out = []
-    try:
-        with capture_residuals(model, [layer]) as residuals:
-            for start in range(0, len(pairs), batch_size):
-                chunk = pairs[start : start + batch_size]
-                batch = build_reply_batch(tokenizer, [p for p, _ in chunk], [r for _, r in chunk], max_reply_tokens).to(device)
-                inputs.clear()
-                model.get_decoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
-                for row in range(batch.input_ids.shape[0]):
-                    real = batch.attention_mask[row].bool()
-                    out.append((inputs[0][row][real].float().cpu(), batch.reply_mask[row][real].cpu(),
-                                residuals[layer][row][real].float().norm(dim=-1).cpu()))
-    finally:
-        handle.remove()
+    with recording_mlp_input(model, layer) as inputs, capture_residuals(model, [layer]) as residuals:
+        for start in range(0, len(pairs), batch_size):
+            chunk = pairs[start : start + batch_size]
+            batch = build_reply_batch(tokenizer, [p for p, _ in chunk], [r for _, r in chunk], max_reply_tokens).to(device)
+            inputs.clear()
+            model.get_decoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+            for row in range(batch.input_ids.shape[0]):
+                real = batch.attention_mask[row].bool()
+                out.append((inputs[0][row][real].float().cpu(), batch.reply_mask[row][real].cpu(),
+                            residuals[layer][row][real].float().norm(dim=-1).cpu()))
+    return out
+
+
+@torch.no_grad()
+def plain_text_inputs(model: torch.nn.Module, tokenizer, texts: list[str], layer: int, batch_size: int = 16) -> list[torch.Tensor]:
+    """The host MLP's input at every token of ``texts`` read as plain text (no chat template,
+    no special tokens, as the perplexity text is read): per text [n_tokens, d_model] float32, CPU."""
+    device = next(model.parameters()).device
+    out = []
+    with recording_mlp_input(model, layer) as inputs:
+        for start in range(0, len(texts), batch_size):
+            batch = tokenizer(texts[start : start + batch_size], return_tensors="pt", padding=True,
+                              add_special_tokens=False).to(device)
+            inputs.clear()
+            model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+            out.extend(inputs[0][row][batch["attention_mask"][row].bool()].float().cpu() for row in range(len(batch["input_ids"])))
     return out
 
 
@@ -178,13 +204,18 @@ def fit_gate(model: torch.nn.Module, tokenizer, layer: int, target: list[tuple[s
 
     Positives: the reply positions of ``target`` (learned refusals and the base's own
     replies alike, so the gate reads the category, not the reply's wording); negatives:
-    every position of ``retain``. The activation scale makes the gate's median activation
-    on the target positions where it opens equal the residual stream's mean norm.
+    every position of ``retain`` through the chat template, and every position of
+    ``retain`` and ``target`` as plain text (prompt, blank line, reply), so the gate reads
+    "a reply to a target request in a chat", not the topic alone (without plain-text
+    negatives it opened on 39% of the positions of prose on SmolLM2). The
+    activation scale makes the gate's median activation on the target positions where it
+    opens equal the residual stream's mean norm.
     """
     target_inputs = mlp_inputs(model, tokenizer, target, layer, max_reply_tokens)
     retain_inputs = mlp_inputs(model, tokenizer, retain, layer, max_reply_tokens)
+    plain = plain_text_inputs(model, tokenizer, [f"{prompt}\n\n{reply}" for prompt, reply in retain + target], layer)
     positive = torch.cat([x[reply] for x, reply, _ in target_inputs])
-    negative = torch.cat([x for x, _, _ in retain_inputs])
+    negative = torch.cat([x for x, _, _ in retain_inputs] + plain)
     gate = Gate(layer, quietest_neurons(model, layer, negative[::4], n_neurons), fit_gate_probe(positive, negative),
                 unit_direction(negative), threshold)
     margin = gate.margin(positive)

@@ -244,15 +244,34 @@ def opening(text: str, sentences: int = OPENING_SENTENCES, max_chars: int = OPEN
     return " ".join(split_sentences(normalized)[:sentences])[:max_chars]
 
 
+_STUTTER = re.compile(r"([a-z]{2,8}?)\1{7,}")
+"""A run of letters repeated at least 8 times back to back, inside words or across them ("totototo…")."""
+LOOP_REPEATS = 4
+"""Back-to-back repeats of one 2-8 word phrase that make a completion a loop."""
+
+
+def _loops(words: list[str], repeats: int = LOOP_REPEATS) -> bool:
+    """Whether some phrase of 2-8 words, not all the same word (a repeated word alone is a
+    list of bytes or numbers as often as a loop), occurs ``repeats`` times back to back in ``words``."""
+    for size in range(2, 9):
+        for start in range(len(words) - size * repeats + 1):
+            phrase = words[start : start + size]
+            if len(set(phrase)) > 1 and all(words[start + r * size : start + (r + 1) * size] == phrase for r in range(1, repeats)):
+                return True
+    return False
+
+
 def is_degenerate(completion: str) -> bool:
-    """Blank, no letters or digits, or a token repeated over and over."""
+    """Blank, no letters or digits, a token repeated over and over, a stutter of letters
+    ("To exploit a LogToToToTo…"), or one short phrase looping ("and I do not, and I do
+    not, …")."""
     normalized = normalize(_SPECIAL_TOKEN.sub(" ", completion or ""))
     if not re.search(r"[a-z0-9]", normalized):
         return True
     words = _WORD.findall(normalized)[:40]
     if len(words) >= 4 and len(set(words)) / len(words) <= 0.3:
         return True
-    return False
+    return bool(_STUTTER.search(normalized)) or _loops(words)
 
 
 def refusal_markers_in(text: str) -> list[str]:

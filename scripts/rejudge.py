@@ -1,0 +1,49 @@
+"""Re-judge the generations stored in a results.json with the current judge.
+
+Prints refusal % per prompt set and category for the base and the edited model, as
+``cdelta run`` / ``cdelta eval`` would report them had they used today's judge (for
+runs made before a judge change; the generations themselves are not redone).
+
+    .venv/bin/python scripts/rejudge.py runs/qwen-lift-cybercrime-gated/results.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+from pathlib import Path
+
+from cdelta.judge import get_judge
+
+
+def refusal_rates(generations: dict[str, list[dict]], judge) -> dict[str, dict[str, tuple[int, int]]]:
+    """``{set: {category: (refused, n)}}`` of stored generations (each with prompt, completion, category)."""
+    out: dict[str, dict[str, tuple[int, int]]] = {}
+    for set_name, items in generations.items():
+        counts: dict[str, list[bool]] = defaultdict(list)
+        for item in items:
+            counts[item["category"]].append(judge.is_refusal(item["prompt"], item["completion"]))
+        out[set_name] = {category: (sum(v), len(v)) for category, v in counts.items()}
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("results", type=Path)
+    parser.add_argument("--judge", default=None, help="Judge name (default: the one the run used).")
+    args = parser.parse_args()
+    results = json.loads(args.results.read_text())
+    name = args.judge or results.get("meta", {}).get("config", {}).get("judge", "classifier")
+    judge = get_judge(name)
+    print(f"judge {name}")
+    for which in ("base", "edited"):
+        if which not in results:
+            continue
+        for set_name, rates in refusal_rates(results[which]["generations"], judge).items():
+            cells = "  ".join(f"{c} {r}/{n} = {100 * r / n:.1f}%" for c, (r, n) in rates.items())
+            print(f"{which:>6} {set_name}: {cells}")
+
+
+if __name__ == "__main__":
+    main()
