@@ -129,6 +129,8 @@ def test_gated_variant_in_the_pipeline_edits_one_mlp_neuron_and_its_random_contr
     assert 0 < info["params_touched"] <= 3 * d and info["nodes"] != [f"L{layer}.MLP"]
     with pytest.raises(ValueError, match="one category"):
         RunConfig(**{**cfg.model_dump(), "category": ["cybercrime", "fraud"]})
+    with pytest.raises(ValueError, match="search = false"):
+        RunConfig(**{**cfg.model_dump(), "search": True})
 
     lift = build_edit(RunConfig(**{**cfg.model_dump(), "direction": "lift"}), tmp_path / "lift", lm, log=lambda m: None)
     assert 0 < lift.params_touched <= 3 * d and lift.data.target != built.data.target

@@ -106,6 +106,9 @@ class RunConfig(BaseModel):
             self.lr = GATED_LR if self.variant == "gated" else DEFAULT_LR
         if self.variant == "gated" and self.k is None:
             self.k = 1.0  # k would scale the compiled gate rows too (output ≈ k³): the gate is used as compiled
+        if self.variant == "gated" and self.search:
+            raise ValueError("search chooses circuit size and k, and variant gated depends on neither (its host is the "
+                             "top-ranked MLP at any size, k is 1): set search = false")
         if self.variant == "gated" and len(self.category) > 1:
             raise ValueError("variant gated edits one category (one gate); compose several gated edits with cdelta apply-delta BASE D1 D2 OUT")
         return self

@@ -26,7 +26,7 @@ from cdelta.data.public import check_trainable
 from cdelta.edit.data import first_compliant, own_reply_pairs, refusal_pairs, retain_prompts
 from cdelta.edit.delta import Delta, apply_to_model, compose, count_touched, load_sparse, save_sparse
 from cdelta.edit.export import export_edit, write_model_card
-from cdelta.edit.gate import fit_gate, gated_finetune
+from cdelta.edit.gate import GATE_RECIPE, fit_gate, gated_finetune
 from cdelta.edit.train import EditData, masked_finetune
 from cdelta.errors import CdeltaError
 from cdelta.evaluate import (
@@ -354,16 +354,18 @@ def build_edit(cfg: RunConfig, run_dir: Path, lm: LoadedModel, log: Log = print,
     if cfg.direction == "lift":
         edit_key["lift_target"] = file_digest(run_dir / "lift_target.json")
     if cfg.variant == "gated":
-        edit_key.update(gate_neurons=cfg.gate_neurons, own_target=file_digest(run_dir / "own_target.json"))
+        edit_key.update(gate_neurons=cfg.gate_neurons, own_target=file_digest(run_dir / "own_target.json"),
+                        gate_recipe=GATE_RECIPE)
 
-    def masks_for(size: str) -> tuple[list, dict[str, torch.Tensor]]:
-        selected = [c.select_spec(size, lm.model) for c in circuits]
-        return selected, _union_masks([c.param_masks(lm.model) for c in selected])
+    def selected_for(size: str) -> list:
+        return [c.select_spec(size, lm.model) for c in circuits]
 
     def train(size: str) -> Delta:
-        selected, masks = masks_for(size)
-        host = gate_host_layer(selected) if cfg.variant == "gated" else None
-        return _train_delta(lm, masks, data, cfg, contrast_data, f"circuit {size}", host)
+        selected = selected_for(size)
+        if cfg.variant == "gated":  # the host MLP, not the circuit's parameters, is edited
+            return _train_delta(lm, {}, data, cfg, contrast_data, f"circuit {size}", gate_host_layer(selected))
+        return _train_delta(lm, _union_masks([c.param_masks(lm.model) for c in selected]), data, cfg, contrast_data,
+                            f"circuit {size}")
 
     def train_for(size: str) -> Delta:
         key = {**edit_key, "circuit": size}
@@ -402,10 +404,11 @@ def build_edit(cfg: RunConfig, run_dir: Path, lm: LoadedModel, log: Log = print,
                                 else choose_k(lm, raw, val, cfg.k_grid, cfg, judge, log)),
             lambda: json.loads((run_dir / "k_selection.json").read_text()), log,
         )
-    selected, masks = masks_for(size)
-    host = None
+    selected = selected_for(size)
     if cfg.variant == "gated":
         host, masks = gate_host_layer(selected), {name: value != 0 for name, value in raw.items()}
+    else:
+        host, masks = None, _union_masks([c.param_masks(lm.model) for c in selected])
     timings["edit_and_select"] = time.perf_counter() - clock
     return BuiltEdit(compose(raw, None, k_info["k"]), raw, k_info["k"], k_info, masks, selected, contrasts,
                      data, contrast_data, {**edit_key, "circuit": size}, size, search, timings, host)

@@ -53,6 +53,9 @@ PROBE_L2 = 1e-4
 """L2 penalty of the gate probe on its standardized weights."""
 UNIT_RIDGE = 1e-4
 """Ridge (fraction of the mean variance) of the covariance inverted for ``m``."""
+GATE_RECIPE = 2
+"""Version of how the gate is fitted, part of the gated edit's stage key so a run directory
+made by an older recipe is refitted (2: plain-text negatives)."""
 
 
 @dataclass
