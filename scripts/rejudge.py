@@ -1,7 +1,7 @@
 """Re-judge the generations stored in a results.json with the current judge.
 
-Prints refusal % per prompt set and category for the base and the edited model, as
-``cdelta run`` / ``cdelta eval`` would report them had they used today's judge (for
+Prints refusal % per prompt set and category (base and edited model of ``cdelta run``,
+or the one model of ``cdelta eval``), as they would have been reported with today's judge (for
 runs made before a judge change; the generations themselves are not redone).
 
     .venv/bin/python scripts/rejudge.py runs/qwen-lift-cybercrime-gated/results.json
@@ -37,10 +37,10 @@ def main() -> None:
     name = args.judge or results.get("meta", {}).get("config", {}).get("judge", "classifier")
     judge = get_judge(name)
     print(f"judge {name}")
-    for which in ("base", "edited"):
-        if which not in results:
-            continue
-        for set_name, rates in refusal_rates(results[which]["generations"], judge).items():
+    # cdelta run writes base and edited; cdelta eval writes one model's results
+    models = {which: results[which] for which in ("base", "edited") if which in results} or {"model": results}
+    for which, result in models.items():
+        for set_name, rates in refusal_rates(result["generations"], judge).items():
             cells = "  ".join(f"{c} {r}/{n} = {100 * r / n:.1f}%" for c, (r, n) in rates.items())
             print(f"{which:>6} {set_name}: {cells}")
 
