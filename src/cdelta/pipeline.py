@@ -24,7 +24,7 @@ from cdelta.data.builtin import load_builtin
 from cdelta.data.prompts import HARMLESS, LOOKALIKE, PromptSet
 from cdelta.data.public import check_trainable
 from cdelta.edit.data import first_compliant, own_reply_pairs, refusal_pairs, retain_prompts
-from cdelta.edit.delta import Delta, apply_to_model, compose, count_touched, load_sparse, save_sparse
+from cdelta.edit.delta import Delta, apply_to_model, compose, load_sparse, save_sparse
 from cdelta.edit.export import export_edit, write_model_card
 from cdelta.edit.gate import GATE_RECIPE, fit_gate, gated_finetune
 from cdelta.edit.train import EditData, masked_finetune
@@ -187,7 +187,7 @@ class BuiltEdit:
     @property
     def params_touched(self) -> int:
         """Parameter entries the circuit may change (the masks' true entries)."""
-        return int(sum(int(m.sum()) for m in self.masks.values()))
+        return _mask_entries(self.masks)
 
     @property
     def circuit_nodes(self) -> list[str]:
@@ -195,6 +195,16 @@ class BuiltEdit:
         if self.host is not None:
             return [f"L{self.host}.MLP"]
         return sorted({n for c in self.circuits for n in c.nodes})
+
+
+def _mask_entries(masks: dict[str, torch.Tensor]) -> int:
+    """True entries of boolean parameter masks: the parameters an edit may change."""
+    return int(sum(int(m.sum()) for m in masks.values()))
+
+
+def _changed_entries(delta: Delta) -> dict[str, torch.Tensor]:
+    """The gated variant's masks: the entries its ΔθC changes (its rows are compiled, not masked)."""
+    return {name: value != 0 for name, value in delta.items()}
 
 
 def _scored_mlps(circuits: list) -> list[tuple[float, int]]:
@@ -406,7 +416,7 @@ def build_edit(cfg: RunConfig, run_dir: Path, lm: LoadedModel, log: Log = print,
         )
     selected = selected_for(size)
     if cfg.variant == "gated":
-        host, masks = gate_host_layer(selected), {name: value != 0 for name, value in raw.items()}
+        host, masks = gate_host_layer(selected), _changed_entries(raw)
     else:
         host, masks = None, _union_masks([c.param_masks(lm.model) for c in selected])
     timings["edit_and_select"] = time.perf_counter() - clock
@@ -440,7 +450,9 @@ def build_control(cfg: RunConfig, run_dir: Path, lm: LoadedModel, built: BuiltEd
         lambda: _save_delta(sub / "delta.safetensors", compose(_train_delta(lm, masks, built.data, cfg, built.contrast_data, kind, host), None, built.k), key),
         lambda: load_sparse(sub / "delta.safetensors")[0], log,
     )
-    return delta, {**info, "params_touched": count_touched(delta)}
+    if host is not None:
+        masks = _changed_entries(delta)
+    return delta, {**info, "params_touched": _mask_entries(masks)}
 
 
 def _base_evaluation(lm: LoadedModel, sets: list[PromptSet], eval_cfg: EvalConfig, log: Log) -> dict:
