@@ -270,3 +270,13 @@ def test_fit_refusal_direction_arditi_recipe_picks_as_if_all_were_scored(tiny_ll
     assert picked in eligible or picked == min(direction.scores, key=lambda s: s["bypass"])
     assert direction.vector.shape == (lm.model.config.hidden_size,) and direction.norm > 0
     assert _hooks_left(lm.model) == 0
+
+
+@pytest.mark.parametrize(("rate", "recipe"), [(5 / 16, "harmful-harmless"), (3 / 16, "reply")])
+def test_auto_recipe_takes_arditi_for_a_base_refusing_a_quarter(tiny_llama_dir, monkeypatch, rate, recipe):
+    import cdelta.directions.vectors as vectors
+
+    monkeypatch.setattr(vectors, "base_refusal_rate", lambda lm, texts: rate)
+    direction = fit_refusal_direction(load_model(str(tiny_llama_dir)), _synthetic_prompts(), seed=0, layers=[1],
+                                      n_train_per_category=2, n_train_harmless=2, n_val=4)
+    assert direction.recipe == recipe

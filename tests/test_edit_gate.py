@@ -7,7 +7,7 @@ from cdelta.config import RunConfig
 from cdelta.edit.batches import build_reply_batch, reply_logits, reply_nll
 from cdelta.edit.delta import apply_to_model
 from cdelta.edit.gate import (Gate, fit_gate, fit_gate_probe, gate_rows, gated_finetune, mlp_inputs, plain_text_inputs,
-                              unit_direction)
+                              split_reply, unit_direction)
 from cdelta.edit.train import EditData, TrainConfig
 from cdelta.errors import CdeltaError
 from cdelta.models.architecture import mlp
@@ -73,6 +73,27 @@ def test_fit_gate_reads_the_chat_not_the_topic(tiny_llama_dir):
     retain = torch.cat([x for x, _, _ in mlp_inputs(lm.model, lm.tokenizer, RETAIN, 1)])
     opens = {name: gate.fires(x).float().mean().item() for name, x in [("chat", chat), ("plain", plain), ("retain", retain)]}
     assert opens["chat"] > 0.5 and opens["plain"] < opens["chat"] / 2 and opens["retain"] < 0.1, opens
+
+
+def test_split_reply_keeps_the_first_span_reply_positions_as_the_decision():
+    reply = torch.tensor([False, False, True, True, True, True, False])
+    decision, later = split_reply(reply, 2)
+    assert decision.tolist() == [False, False, True, True, False, False, False]
+    assert later.tolist() == [False, False, False, False, True, True, False]
+    whole, none = split_reply(reply, None)
+    assert whole.tolist() == reply.tolist() and not none.any()
+
+
+def test_a_gate_fitted_on_the_decision_span_shuts_later_in_the_reply(tiny_llama_dir):
+    lm = _chatty_tiny(tiny_llama_dir)
+    inputs = mlp_inputs(lm.model, lm.tokenizer, TARGET, 1)
+    decision = torch.cat([x[split_reply(reply, 2)[0]] for x, reply, _ in inputs])
+    later = torch.cat([x[split_reply(reply, 2)[1]] for x, reply, _ in inputs])
+    whole = fit_gate(lm.model, lm.tokenizer, 1, TARGET, RETAIN, n_neurons=1)
+    spanned = fit_gate(lm.model, lm.tokenizer, 1, TARGET, RETAIN, n_neurons=1, span=2)
+    opens = {name: (gate.fires(decision).float().mean().item(), gate.fires(later).float().mean().item())
+             for name, gate in [("whole", whole), ("spanned", spanned)]}
+    assert opens["spanned"][0] > 0.5 and opens["spanned"][1] < opens["whole"][1] / 2, opens
 
 
 def test_gated_finetune_touches_only_the_gate_neurons_and_learns_the_target(tiny_llama_dir):

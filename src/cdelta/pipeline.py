@@ -235,7 +235,8 @@ def _train_delta(lm: LoadedModel, masks, data: EditData, cfg: RunConfig, contras
     e.g. the all-parameter control, gated trains directly)."""
     train = cfg.train_config()
     if cfg.variant == "gated" and host is not None:
-        gate = fit_gate(lm.model, lm.tokenizer, host, data.target + contrast_data.target, data.retain, cfg.gate_neurons)
+        gate = fit_gate(lm.model, lm.tokenizer, host, data.target + contrast_data.target, data.retain, cfg.gate_neurons,
+                        span=cfg.gate_span)
         return gated_finetune(lm.model, lm.tokenizer, gate, data, train, description=f"{label}: gated L{host}")
     positive = masked_finetune(lm.model, lm.tokenizer, masks, data, train, description=f"{label}: θ_pos")
     if cfg.variant != "contrastive":
@@ -364,7 +365,7 @@ def build_edit(cfg: RunConfig, run_dir: Path, lm: LoadedModel, log: Log = print,
     if cfg.direction == "lift":
         edit_key["lift_target"] = file_digest(run_dir / "lift_target.json")
     if cfg.variant == "gated":
-        edit_key.update(gate_neurons=cfg.gate_neurons, own_target=file_digest(run_dir / "own_target.json"),
+        edit_key.update(gate_neurons=cfg.gate_neurons, gate_span=cfg.gate_span, own_target=file_digest(run_dir / "own_target.json"),
                         gate_recipe=GATE_RECIPE)
 
     def selected_for(size: str) -> list:

@@ -373,6 +373,7 @@ def fit_refusal_direction(
     n_val: int = 16,
     max_reply_tokens: int = 24,
     kl_max: float = 0.1,
+    refusing_rate: float = 0.25,
     progress: bool = False,
 ) -> Direction:
     """Fit a refusal direction on the train split and pick (layer, position) on the validation split.
@@ -384,8 +385,9 @@ def fit_refusal_direction(
       candidate prompt position (default ``-1 … -5`` and ``"mean"``);
     * ``recipe="reply"``: r = mean act(refusal reply) − mean act(own reply) over the
       same prompts (both kinds), position ``"reply_mean"`` by default;
-    * ``recipe="auto"``: ``"harmful-harmless"`` if the base model refuses at least half of
-      ``n_val`` harmful validation prompts (greedy, classifier judge), else ``"reply"``.
+    * ``recipe="auto"``: ``"harmful-harmless"`` if the base model refuses at least
+      ``refusing_rate`` of ``n_val`` harmful validation prompts (greedy, classifier judge;
+      the rule ``fit_ot`` uses), else ``"reply"``.
 
     Selection (validation split; ``n_val`` harmless and ``n_val`` harmful prompts, each
     with a project refusal reply). ``RL(prompts)`` is the mean per-token log-probability
@@ -415,7 +417,7 @@ def fit_refusal_direction(
     base_rate = None
     if recipe == "auto":
         base_rate = base_refusal_rate(lm, val_harmful.texts())
-        recipe = "harmful-harmless" if base_rate >= 0.5 else "reply"
+        recipe = "harmful-harmless" if base_rate >= refusing_rate else "reply"
     if recipe not in RECIPES:
         raise CdeltaError(f"unknown recipe {recipe!r}", f"use one of: auto, {', '.join(RECIPES)}")
     selection = "bypass" if recipe == "harmful-harmless" else "induce"

@@ -8,7 +8,8 @@ and rewrites them:
 
 * gate row ``g_j = s·(w − τ·m)``: ``w`` is a bias-free logistic probe on ``x`` that
   separates the target category's reply positions (the last prompt token and every
-  reply token after a target prompt) from every position of the retain sequences
+  reply token after a target prompt; with a ``span``, only the first ``span`` of them,
+  the later ones joining the negatives) from every position of the retain sequences
   (other categories, harmless, look-alikes, each with the base's own reply) and from
   every position of the retain and target sequences as plain text (the same words
   without the chat template, as prose reaches the model); ``m`` is
@@ -201,12 +202,24 @@ def quietest_neurons(model: torch.nn.Module, layer: int, x: torch.Tensor, n: int
     return sorted(activation.abs().mean(0).argsort()[:n].tolist())
 
 
+def split_reply(reply: torch.Tensor, span: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``reply`` [n_tokens] bool -> (decision, later) bool masks: the first ``span`` reply
+    positions (the last prompt token and the first ``span − 1`` reply tokens) and the
+    rest; ``span=None``: every reply position is a decision position."""
+    if span is None:
+        return reply, torch.zeros_like(reply)
+    decision = reply & (reply.cumsum(0) <= span)
+    return decision, reply & ~decision
+
+
 def fit_gate(model: torch.nn.Module, tokenizer, layer: int, target: list[tuple[str, str]], retain: list[tuple[str, str]],
-             n_neurons: int = 1, threshold: float = THRESHOLD, max_reply_tokens: int = 24) -> Gate:
+             n_neurons: int = 1, threshold: float = THRESHOLD, max_reply_tokens: int = 24, span: int | None = None) -> Gate:
     """Fit the gate of ``layer`` from target (prompt, reply) and retain (prompt, base reply) pairs.
 
     Positives: the reply positions of ``target`` (learned refusals and the base's own
-    replies alike, so the gate reads the category, not the reply's wording); negatives:
+    replies alike, so the gate reads the category, not the reply's wording), or with
+    ``span`` only the first ``span`` of them (``split_reply``), the later ones then being
+    negatives so the gate shuts once a reply is under way; negatives:
     every position of ``retain`` through the chat template, and every position of
     ``retain`` and ``target`` as plain text (prompt, blank line, reply), so the gate reads
     "a reply to a target request in a chat", not the topic alone (without plain-text
@@ -217,8 +230,9 @@ def fit_gate(model: torch.nn.Module, tokenizer, layer: int, target: list[tuple[s
     target_inputs = mlp_inputs(model, tokenizer, target, layer, max_reply_tokens)
     retain_inputs = mlp_inputs(model, tokenizer, retain, layer, max_reply_tokens)
     plain = plain_text_inputs(model, tokenizer, [f"{prompt}\n\n{reply}" for prompt, reply in retain + target], layer)
-    positive = torch.cat([x[reply] for x, reply, _ in target_inputs])
-    negative = torch.cat([x for x, _, _ in retain_inputs] + plain)
+    decision, later = zip(*(split_reply(reply, span) for _, reply, _ in target_inputs))
+    positive = torch.cat([x[mask] for (x, _, _), mask in zip(target_inputs, decision)])
+    negative = torch.cat([x for x, _, _ in retain_inputs] + plain + [x[mask] for (x, _, _), mask in zip(target_inputs, later)])
     gate = Gate(layer, quietest_neurons(model, layer, negative[::4], n_neurons), fit_gate_probe(positive, negative),
                 unit_direction(negative), threshold)
     margin = gate.margin(positive)
