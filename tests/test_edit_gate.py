@@ -6,8 +6,8 @@ import torch
 from cdelta.config import RunConfig
 from cdelta.edit.batches import build_reply_batch, reply_logits, reply_nll
 from cdelta.edit.delta import apply_to_model
-from cdelta.edit.gate import (Gate, fit_gate, fit_gate_probe, gate_rows, gated_finetune, mlp_inputs, plain_text_inputs,
-                              split_reply, unit_direction)
+from cdelta.edit.gate import (Gate, choose_threshold, decision_open_rates, fit_gate, fit_gate_probe, gate_rows,
+                              gated_finetune, mlp_inputs, plain_text_inputs, split_reply, unit_direction)
 from cdelta.edit.train import EditData, TrainConfig
 from cdelta.errors import CdeltaError
 from cdelta.models.architecture import mlp
@@ -96,6 +96,30 @@ def test_a_gate_fitted_on_the_decision_span_shuts_later_in_the_reply(tiny_llama_
     assert opens["spanned"][0] > 0.5 and opens["spanned"][1] < opens["whole"][1] / 2, opens
 
 
+def test_choose_threshold_is_the_most_selective_within_the_target_slack():
+    rates = {0.5: {"target": 0.95, "privacy": 0.30, "harmless": 0.05},
+             1.0: {"target": 0.90, "privacy": 0.15, "harmless": 0.05},
+             2.0: {"target": 0.80, "privacy": 0.05, "harmless": 0.00},   # target 15 points below its best
+             3.0: {"target": 0.50, "privacy": 0.00, "harmless": 0.00}}
+    assert choose_threshold(rates, "target") == 1.0
+    assert choose_threshold(rates, "target", slack=0.15) == 2.0
+    rates[1.0]["privacy"] = 0.30  # a tie on the worst other group: the lower τ
+    assert choose_threshold(rates, "target") == 0.5
+
+
+def test_decision_open_rates_fall_as_the_threshold_rises(tiny_llama_dir):
+    lm = _chatty_tiny(tiny_llama_dir)
+    gate = fit_gate(lm.model, lm.tokenizer, 1, TARGET, RETAIN, n_neurons=1, span=2)
+    groups = {"target": [p for p, _ in TARGET[:2]], "retain": [p for p, _ in RETAIN[:2]]}
+    rates = decision_open_rates(lm.model, lm.tokenizer, gate, groups, (0.0, 1.0, 100.0))
+    assert set(rates) == {0.0, 1.0, 100.0} and all(set(row) == {"target", "retain"} for row in rates.values())
+    assert rates[100.0] == {"target": 0.0, "retain": 0.0}
+    for name in groups:
+        assert rates[0.0][name] >= rates[1.0][name] >= rates[100.0][name]
+    chosen = fit_gate(lm.model, lm.tokenizer, 1, TARGET, RETAIN, n_neurons=1, span=2, threshold=lambda g: 2.5)
+    assert chosen.threshold == 2.5 and torch.equal(chosen.weight, gate.weight)
+
+
 def test_gated_finetune_touches_only_the_gate_neurons_and_learns_the_target(tiny_llama_dir):
     lm = _chatty_tiny(tiny_llama_dir)
     before = {n: p.detach().clone() for n, p in lm.model.named_parameters()}
@@ -155,6 +179,12 @@ def test_gated_variant_in_the_pipeline_edits_one_mlp_neuron_and_its_random_contr
 
     lift = build_edit(RunConfig(**{**cfg.model_dump(), "direction": "lift"}), tmp_path / "lift", lm, log=lambda m: None)
     assert 0 < lift.params_touched <= 3 * d and lift.data.target != built.data.target
+
+    logged: list[str] = []
+    auto = build_edit(RunConfig(**{**cfg.model_dump(), "gate_threshold": "auto"}), tmp_path / "auto", lm, log=logged.append)
+    chosen = [line for line in logged if line.endswith("(chosen)")]
+    assert len(chosen) == 1 and sum("gate τ=" in line for line in logged) == 5 and "target" in chosen[0]
+    assert 0 < auto.params_touched <= 3 * d
 
 
 def test_gate_host_is_the_top_ranked_mlp_and_the_random_host_another():

@@ -55,6 +55,7 @@ class RunConfig(BaseModel):
         "direct", description="direct: one masked fine-tune; contrastive: k·M⊙(θ_pos − θ_neg); gated: neurons of the circuit's top MLP rewritten as a category gate (docs/gated.md)."
     )
     gate_neurons: int = Field(1, ge=1, description="Neurons the gated variant rewrites in its host MLP.")
+    gate_threshold: float | Literal["auto"] = Field(1.0, description="Threshold τ of the gated variant's gate (probe-logit units); auto: chosen on the validation split from the gate's opening rates at the decision position (docs/gated.md).")
     gate_span: int | None = Field(None, ge=1, description="Reply positions the gated variant's gate is fitted to open on: the last prompt token and the next N − 1 (later reply positions are negatives, so the gate shuts once a reply is under way); None: the whole reply.")
     steps: int = Field(30, ge=1, description="Optimizer steps of each masked fine-tune.")
     lr: float | None = Field(None, gt=0, description="Learning rate of the masked fine-tune; None: 1e-3 (direct, contrastive) or 1e-2 (gated, whose trained down column is in units of the residual norm).")

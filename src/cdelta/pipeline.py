@@ -26,7 +26,7 @@ from cdelta.data.public import check_trainable
 from cdelta.edit.data import first_compliant, own_reply_pairs, refusal_pairs, retain_prompts
 from cdelta.edit.delta import Delta, apply_to_model, compose, load_sparse, save_sparse
 from cdelta.edit.export import export_edit, write_model_card
-from cdelta.edit.gate import GATE_RECIPE, fit_gate, gated_finetune
+from cdelta.edit.gate import GATE_RECIPE, choose_threshold, decision_open_rates, fit_gate, gated_finetune
 from cdelta.edit.train import EditData, masked_finetune
 from cdelta.errors import CdeltaError
 from cdelta.evaluate import (
@@ -183,6 +183,7 @@ class BuiltEdit:
     search: dict | None = None
     timings: dict[str, float] = field(default_factory=dict)
     host: int | None = None
+    val: PromptSet | None = None
 
     @property
     def params_touched(self) -> int:
@@ -229,20 +230,40 @@ def random_host_layer(circuits: list, seed: int) -> int:
 
 
 def _train_delta(lm: LoadedModel, masks, data: EditData, cfg: RunConfig, contrast_data: EditData | None, label: str,
-                 host: int | None = None) -> Delta:
+                 host: int | None = None, val: PromptSet | None = None, log: Log = print) -> Delta:
     """Direct: one masked fine-tune. Contrastive: θ_pos − θ_neg from two masked fine-tunes.
     Gated: the compiled gate in MLP ``host`` and its trained down columns (without a host,
-    e.g. the all-parameter control, gated trains directly)."""
+    e.g. the all-parameter control, gated trains directly); ``gate_threshold = "auto"``
+    chooses its threshold on ``val``."""
     train = cfg.train_config()
     if cfg.variant == "gated" and host is not None:
+        threshold = cfg.gate_threshold if cfg.gate_threshold != "auto" else _threshold_chooser(lm, cfg, val, label, log)
         gate = fit_gate(lm.model, lm.tokenizer, host, data.target + contrast_data.target, data.retain, cfg.gate_neurons,
-                        span=cfg.gate_span)
+                        threshold, span=cfg.gate_span)
         return gated_finetune(lm.model, lm.tokenizer, gate, data, train, description=f"{label}: gated L{host}")
     positive = masked_finetune(lm.model, lm.tokenizer, masks, data, train, description=f"{label}: θ_pos")
     if cfg.variant != "contrastive":
         return positive
     negative = masked_finetune(lm.model, lm.tokenizer, masks, contrast_data, train, description=f"{label}: θ_neg")
     return compose(positive, negative, 1.0)
+
+
+def _threshold_chooser(lm: LoadedModel, cfg: RunConfig, val: PromptSet, label: str, log: Log) -> Callable:
+    """``fit_gate``'s threshold rule for ``gate_threshold = "auto"``: ``choose_threshold`` on
+    the opening rates at the decision position of ``val``'s prompts, the target categories
+    pooled, every other category (harmless and look-alike included) a group of its own."""
+    groups: dict[str, list[str]] = {"target": []}
+    for p in val:
+        groups.setdefault("target" if p.category in cfg.category else p.category, []).append(p.text)
+
+    def choose(gate) -> float:
+        rates = decision_open_rates(lm.model, lm.tokenizer, gate, groups)
+        tau = choose_threshold(rates, "target")
+        for t, row in rates.items():
+            log(f"{label}: gate τ={t:g} opens at the decision position on " + ", ".join(f"{n} {100 * r:.0f}%" for n, r in row.items())
+                + (" (chosen)" if t == tau else ""))
+        return tau
+    return choose
 
 
 def _cached_pairs(run_dir: Path, name: str, key: dict, make: Callable[[], list], log: Log) -> list[tuple[str, str]]:
@@ -365,8 +386,10 @@ def build_edit(cfg: RunConfig, run_dir: Path, lm: LoadedModel, log: Log = print,
     if cfg.direction == "lift":
         edit_key["lift_target"] = file_digest(run_dir / "lift_target.json")
     if cfg.variant == "gated":
-        edit_key.update(gate_neurons=cfg.gate_neurons, gate_span=cfg.gate_span, own_target=file_digest(run_dir / "own_target.json"),
+        edit_key.update(gate_neurons=cfg.gate_neurons, gate_threshold=cfg.gate_threshold, gate_span=cfg.gate_span, own_target=file_digest(run_dir / "own_target.json"),
                         gate_recipe=GATE_RECIPE)
+
+    val = validation_prompts(prompts, cfg.category, cfg.seed)
 
     def selected_for(size: str) -> list:
         return [c.select_spec(size, lm.model) for c in circuits]
@@ -374,7 +397,7 @@ def build_edit(cfg: RunConfig, run_dir: Path, lm: LoadedModel, log: Log = print,
     def train(size: str) -> Delta:
         selected = selected_for(size)
         if cfg.variant == "gated":  # the host MLP, not the circuit's parameters, is edited
-            return _train_delta(lm, {}, data, cfg, contrast_data, f"circuit {size}", gate_host_layer(selected))
+            return _train_delta(lm, {}, data, cfg, contrast_data, f"circuit {size}", gate_host_layer(selected), val, log)
         return _train_delta(lm, _union_masks([c.param_masks(lm.model) for c in selected]), data, cfg, contrast_data,
                             f"circuit {size}")
 
@@ -390,7 +413,6 @@ def build_edit(cfg: RunConfig, run_dir: Path, lm: LoadedModel, log: Log = print,
 
     # 4. circuit size and k on the validation split: Optuna search, or the k grid at cfg.circuit
     clock = time.perf_counter()
-    val = validation_prompts(prompts, cfg.category, cfg.seed)
     search = None
     if cfg.search:
         from cdelta.edit.search import search_edit, validation_evaluator
@@ -422,7 +444,7 @@ def build_edit(cfg: RunConfig, run_dir: Path, lm: LoadedModel, log: Log = print,
         host, masks = None, _union_masks([c.param_masks(lm.model) for c in selected])
     timings["edit_and_select"] = time.perf_counter() - clock
     return BuiltEdit(compose(raw, None, k_info["k"]), raw, k_info["k"], k_info, masks, selected, contrasts,
-                     data, contrast_data, {**edit_key, "circuit": size}, size, search, timings, host)
+                     data, contrast_data, {**edit_key, "circuit": size}, size, search, timings, host, val)
 
 
 def build_control(cfg: RunConfig, run_dir: Path, lm: LoadedModel, built: BuiltEdit, kind: str, log: Log = print) -> tuple[Delta, dict]:
@@ -448,7 +470,8 @@ def build_control(cfg: RunConfig, run_dir: Path, lm: LoadedModel, built: BuiltEd
     key = {**built.edit_key, "control": kind, "k": built.k}
     delta = run_stage(
         sub, f"control-{kind}", key, ["delta.safetensors"],
-        lambda: _save_delta(sub / "delta.safetensors", compose(_train_delta(lm, masks, built.data, cfg, built.contrast_data, kind, host), None, built.k), key),
+        lambda: _save_delta(sub / "delta.safetensors", compose(_train_delta(lm, masks, built.data, cfg, built.contrast_data, kind, host,
+                                                                            built.val, log), None, built.k), key),
         lambda: load_sparse(sub / "delta.safetensors")[0], log,
     )
     if host is not None:

@@ -32,7 +32,7 @@ change is bounded by where the gate fires. ΔθC touches ``3·n·d_model`` weigh
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -54,6 +54,8 @@ PROBE_L2 = 1e-4
 """L2 penalty of the gate probe on its standardized weights."""
 UNIT_RIDGE = 1e-4
 """Ridge (fraction of the mean variance) of the covariance inverted for ``m``."""
+THRESHOLD_GRID = (0.5, 1.0, 1.5, 2.0, 3.0)
+"""Thresholds ``choose_threshold`` tries (probe-logit units)."""
 GATE_RECIPE = 2
 """Version of how the gate is fitted, part of the gated edit's stage key so a run directory
 made by an older recipe is refitted (2: plain-text negatives)."""
@@ -213,7 +215,8 @@ def split_reply(reply: torch.Tensor, span: int | None) -> tuple[torch.Tensor, to
 
 
 def fit_gate(model: torch.nn.Module, tokenizer, layer: int, target: list[tuple[str, str]], retain: list[tuple[str, str]],
-             n_neurons: int = 1, threshold: float = THRESHOLD, max_reply_tokens: int = 24, span: int | None = None) -> Gate:
+             n_neurons: int = 1, threshold: float | Callable[[Gate], float] = THRESHOLD, max_reply_tokens: int = 24,
+             span: int | None = None) -> Gate:
     """Fit the gate of ``layer`` from target (prompt, reply) and retain (prompt, base reply) pairs.
 
     Positives: the reply positions of ``target`` (learned refusals and the base's own
@@ -225,7 +228,8 @@ def fit_gate(model: torch.nn.Module, tokenizer, layer: int, target: list[tuple[s
     "a reply to a target request in a chat", not the topic alone (without plain-text
     negatives it opened on 39% of the positions of prose on SmolLM2). The
     activation scale makes the gate's median activation on the target positions where it
-    opens equal the residual stream's mean norm.
+    opens equal the residual stream's mean norm. ``threshold`` is ``τ``, or a function
+    of the fitted gate that returns it (e.g. ``choose_threshold`` on validation prompts).
     """
     target_inputs = mlp_inputs(model, tokenizer, target, layer, max_reply_tokens)
     retain_inputs = mlp_inputs(model, tokenizer, retain, layer, max_reply_tokens)
@@ -234,7 +238,8 @@ def fit_gate(model: torch.nn.Module, tokenizer, layer: int, target: list[tuple[s
     positive = torch.cat([x[mask] for (x, _, _), mask in zip(target_inputs, decision)])
     negative = torch.cat([x for x, _, _ in retain_inputs] + plain + [x[mask] for (x, _, _), mask in zip(target_inputs, later)])
     gate = Gate(layer, quietest_neurons(model, layer, negative[::4], n_neurons), fit_gate_probe(positive, negative),
-                unit_direction(negative), threshold)
+                unit_direction(negative))
+    gate.threshold = threshold(gate) if callable(threshold) else threshold
     margin = gate.margin(positive)
     if not (margin > 0).any():
         raise CdeltaError(f"the gate probe at layer {layer} opens on none of the {len(positive)} target positions",
@@ -242,6 +247,40 @@ def fit_gate(model: torch.nn.Module, tokenizer, layer: int, target: list[tuple[s
     residual = float(torch.cat([norm for _, _, norm in retain_inputs]).mean())
     gate.scale = residual / float(margin[margin > 0].median())
     return gate
+
+
+@torch.no_grad()
+def decision_open_rates(model: torch.nn.Module, tokenizer, gate: Gate, groups: dict[str, list[str]],
+                        thresholds: tuple[float, ...] = THRESHOLD_GRID) -> dict[float, dict[str, float]]:
+    """``{τ: {group: fraction of its prompts on which the gate opens at the decision position}}``.
+
+    The decision position is the last prompt token (it predicts the first reply token);
+    ``groups`` maps a name to chat prompts. Needs one forward pass per prompt, no generation.
+    """
+    names = list(groups)
+    inputs = mlp_inputs(model, tokenizer, [(text, "") for name in names for text in groups[name]], gate.layer)
+    decision = torch.stack([x[reply][0] for x, reply, _ in inputs])
+    probe, unit = decision @ gate.weight, decision @ gate.unit
+    owner = [name for name in names for _ in groups[name]]
+    rates = {}
+    for tau in thresholds:
+        opens = (probe - tau * unit) > 0
+        rates[tau] = {name: float(opens[torch.tensor([o == name for o in owner])].float().mean()) for name in names}
+    return rates
+
+
+TARGET_SLACK = 0.10
+"""How far below its best opening rate ``choose_threshold`` lets the target's fall."""
+
+
+def choose_threshold(rates: dict[float, dict[str, float]], target: str, slack: float = TARGET_SLACK) -> float:
+    """Among the ``τ`` whose ``target`` opening rate is within ``slack`` of the best one,
+    the ``τ`` whose highest rate on any other group (each other harm category, harmless,
+    look-alike) is lowest; ties go to the lower ``τ``: the most selective gate that
+    costs the target at most ``slack``."""
+    best = max(row[target] for row in rates.values())
+    eligible = [tau for tau in sorted(rates) if rates[tau][target] >= best - slack - 1e-9]
+    return min(eligible, key=lambda tau: (round(max(r for name, r in rates[tau].items() if name != target), 9), tau))
 
 
 def gate_rows(model: torch.nn.Module, gate: Gate) -> Delta:
