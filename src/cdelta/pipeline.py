@@ -255,6 +255,9 @@ def _threshold_chooser(lm: LoadedModel, cfg: RunConfig, val: PromptSet, label: s
     groups: dict[str, list[str]] = {"target": []}
     for p in val:
         groups.setdefault("target" if p.category in cfg.category else p.category, []).append(p.text)
+    if not groups["target"]:
+        raise CdeltaError(f"gate_threshold = \"auto\" needs validation-split prompts of {', '.join(cfg.category)}",
+                          "add val-split prompts of the target category, or set gate_threshold to a number")
 
     def choose(gate) -> float:
         rates = decision_open_rates(lm.model, lm.tokenizer, gate, groups)
@@ -386,8 +389,8 @@ def build_edit(cfg: RunConfig, run_dir: Path, lm: LoadedModel, log: Log = print,
     if cfg.direction == "lift":
         edit_key["lift_target"] = file_digest(run_dir / "lift_target.json")
     if cfg.variant == "gated":
-        edit_key.update(gate_neurons=cfg.gate_neurons, gate_threshold=cfg.gate_threshold, gate_span=cfg.gate_span, own_target=file_digest(run_dir / "own_target.json"),
-                        gate_recipe=GATE_RECIPE)
+        edit_key.update(gate_neurons=cfg.gate_neurons, gate_threshold=cfg.gate_threshold, gate_span=cfg.gate_span,
+                        own_target=file_digest(run_dir / "own_target.json"), gate_recipe=GATE_RECIPE)
 
     val = validation_prompts(prompts, cfg.category, cfg.seed)
 
