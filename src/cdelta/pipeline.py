@@ -401,8 +401,7 @@ def build_edit(cfg: RunConfig, run_dir: Path, lm: LoadedModel, log: Log = print,
         selected = selected_for(size)
         if cfg.variant == "gated":  # the host MLP, not the circuit's parameters, is edited
             return _train_delta(lm, {}, data, cfg, contrast_data, f"circuit {size}", gate_host_layer(selected), val, log)
-        return _train_delta(lm, _union_masks([c.param_masks(lm.model) for c in selected]), data, cfg, contrast_data,
-                            f"circuit {size}")
+        return _train_delta(lm, _circuit_masks(selected, lm.model), data, cfg, contrast_data, f"circuit {size}")
 
     def train_for(size: str) -> Delta:
         key = {**edit_key, "circuit": size}
@@ -444,7 +443,7 @@ def build_edit(cfg: RunConfig, run_dir: Path, lm: LoadedModel, log: Log = print,
     if cfg.variant == "gated":
         host, masks = gate_host_layer(selected), _changed_entries(raw)
     else:
-        host, masks = None, _union_masks([c.param_masks(lm.model) for c in selected])
+        host, masks = None, _circuit_masks(selected, lm.model)
     timings["edit_and_select"] = time.perf_counter() - clock
     return BuiltEdit(compose(raw, None, k_info["k"]), raw, k_info["k"], k_info, masks, selected, contrasts,
                      data, contrast_data, {**edit_key, "circuit": size}, size, search, timings, host, val)
@@ -462,7 +461,7 @@ def build_control(cfg: RunConfig, run_dir: Path, lm: LoadedModel, built: BuiltEd
             masks, info = {}, {"nodes": [f"L{host}.MLP"]}
         else:
             randoms = [random_circuit_like(c, cfg.seed + 1) for c in built.circuits]
-            host, masks = None, _union_masks([c.param_masks(lm.model) for c in randoms])
+            host, masks = None, _circuit_masks(randoms, lm.model)
             info = {"nodes": sorted(n for c in randoms for n in c.nodes)}
     elif kind == "full":
         host, masks, info = None, _all_masks(lm.model), {"nodes": "all parameters"}
@@ -582,11 +581,11 @@ def _eval_source(name: str) -> PromptSet:
     return load_source(name)
 
 
-def _union_masks(mask_sets: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Element-wise OR of several circuits' masks."""
+def _circuit_masks(circuits: list, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Element-wise OR of the circuits' boolean parameter masks on ``model``."""
     union: dict[str, torch.Tensor] = {}
-    for masks in mask_sets:
-        for name, mask in masks.items():
+    for circuit in circuits:
+        for name, mask in circuit.param_masks(model).items():
             union[name] = union[name] | mask if name in union else mask.clone()
     return union
 

@@ -257,16 +257,12 @@ def decision_open_rates(model: torch.nn.Module, tokenizer, gate: Gate, groups: d
     The decision position is the last prompt token (it predicts the first reply token);
     ``groups`` maps a name to chat prompts. Needs one forward pass per prompt, no generation.
     """
-    names = list(groups)
-    inputs = mlp_inputs(model, tokenizer, [(text, "") for name in names for text in groups[name]], gate.layer)
+    inputs = mlp_inputs(model, tokenizer, [(text, "") for texts in groups.values() for text in texts], gate.layer)
     decision = torch.stack([x[reply][0] for x, reply, _ in inputs])
     probe, unit = decision @ gate.weight, decision @ gate.unit
-    owner = [name for name in names for _ in groups[name]]
-    rates = {}
-    for tau in thresholds:
-        opens = (probe - tau * unit) > 0
-        rates[tau] = {name: float(opens[torch.tensor([o == name for o in owner])].float().mean()) for name in names}
-    return rates
+    sizes = [len(texts) for texts in groups.values()]
+    return {tau: {name: float(opens.float().mean()) for name, opens in zip(groups, ((probe - tau * unit) > 0).split(sizes))}
+            for tau in thresholds}
 
 
 TARGET_SLACK = 0.10
