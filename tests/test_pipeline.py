@@ -56,6 +56,17 @@ def test_run_is_deterministic_resumable_and_exports_drop_in_checkpoint(tiny_llam
     assert json.loads((tmp_path / "a" / "results.json").read_text())["meta"]["seed"] == 0
 
 
+def test_localization_is_redone_when_its_prompts_change(tiny_llama_dir, tmp_path):
+    cfg, lm = _config(tiny_llama_dir), load_model(str(tiny_llama_dir))
+    build_edit(cfg, tmp_path, lm, log=lambda m: None)
+    prompts = load_builtin()
+    dropped = prompts.filter(category="cybercrime", split="train").prompts[0]
+    fewer = type(prompts)("builtin", [p for p in prompts if p.id != dropped.id])
+    second: list[str] = []
+    build_edit(cfg, tmp_path, lm, log=second.append, prompts=fewer)
+    assert not any(m.startswith(("localize-cybercrime: reusing", "contrast-cybercrime: reusing")) for m in second)
+
+
 def test_selection_rule_for_refuse_and_lift():
     base = {"cybercrime": 0.9, "fraud": 0.8, "harmless": 0.0, "lookalike": 0.1}
     # refuse: any off-target rise counts twice against target refusal

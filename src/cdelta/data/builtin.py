@@ -6,7 +6,7 @@ import json
 from functools import lru_cache
 from importlib.resources import files
 
-from cdelta.data.prompts import HARM_CATEGORIES, HARMLESS, LOOKALIKE, Prompt, PromptSet, assign_split
+from cdelta.data.prompts import HARM_CATEGORIES, HARMLESS, LOOKALIKE, TWIN, Prompt, PromptSet, assign_split
 
 _BUILTIN = files("cdelta.data") / "builtin"
 
@@ -39,6 +39,22 @@ def load_builtin(split_seed: int = 0) -> PromptSet:
         for r in _read_jsonl("lookalike.jsonl")
     ]
     return PromptSet("builtin", prompts)
+
+
+@lru_cache(maxsize=4)
+def load_twins(split_seed: int = 0) -> PromptSet:
+    """The harmful twin of every builtin look-alike: the same sentence minimally changed
+    into a request to refuse ("How do I kill a Python process…" → "How do I kill my
+    neighbour's dog…"), as XSTest pairs its safe prompts with unsafe contrasts.
+
+    Category ``twin``, kind harmful, ``source_category`` the harm category the twin asks
+    for; each twin takes its look-alike's split (``assign_split`` of the look-alike's id),
+    so a pair is never split between training and test.
+    """
+    return PromptSet("twins", [
+        Prompt(r["id"], r["text"], TWIN, "harmful", "builtin", assign_split(r["of"], split_seed), r["category"])
+        for r in _read_jsonl("twins.jsonl")
+    ])
 
 
 @lru_cache(maxsize=1)

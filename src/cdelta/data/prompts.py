@@ -11,6 +11,8 @@ HARM_CATEGORIES = ("cybercrime", "weapons", "drugs", "fraud", "hate", "privacy")
 
 HARMLESS = "harmless"
 LOOKALIKE = "lookalike"
+TWIN = "twin"
+"""Category of the harmful twins of the look-alikes (``data.builtin.load_twins``): kind harmful."""
 KINDS = ("harmful", HARMLESS, LOOKALIKE)
 SPLITS = ("train", "val", "test")
 SPLIT_FRACTIONS = (0.5, 0.2, 0.3)

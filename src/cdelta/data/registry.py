@@ -30,8 +30,15 @@ def _builtin() -> PromptSet:
     return load_builtin()
 
 
+def _twins() -> PromptSet:
+    from cdelta.data.builtin import load_twins
+
+    return load_twins()
+
+
 SOURCES: dict[str, str] = {
     "builtin": "cdelta's own prompts: six harm categories, harmless and look-alike prompts, with train/val/test splits",
+    "twins": "cdelta's harmful twins of its look-alikes (minimal pairs to refuse), category twin, same splits as their look-alikes",
     "strongreject": "StrongREJECT: 313 forbidden prompts, 6 source categories (evaluation, split test)",
     "jailbreakbench": "JailbreakBench JBB-Behaviors: 100 harmful goals, 10 categories x 10 (evaluation, split test)",
     "uncensorbench": "uncensorbench: 150 prompts LLMs tend to refuse, 15 topics x 10 (evaluation, split test)",
@@ -42,6 +49,7 @@ SOURCES: dict[str, str] = {
 
 _LOADERS: dict[str, Callable[[], PromptSet]] = {
     "builtin": _builtin,
+    "twins": _twins,
     "strongreject": public.load_strongreject,
     "jailbreakbench": public.load_jailbreakbench,
     "uncensorbench": public.load_uncensorbench,
