@@ -10,11 +10,12 @@ from cdelta.config import RunConfig, make_config
 from cdelta.data.builtin import load_builtin, load_twins
 from cdelta.data.prompts import HARM_CATEGORIES, HARMLESS, LOOKALIKE, TWIN, Prompt, PromptSet
 from cdelta.data.public import check_trainable, load_rho_overrefusal
+from cdelta.circuits.localize import prompt_pools
 from cdelta.data.registry import load_source
 from cdelta.edit.data import first_compliant, retain_prompts
 from cdelta.errors import CdeltaError
 from cdelta.models.loading import load_model
-from cdelta.pipeline import build_edit, localize_prompts, off_target_cost, run_prompts, selection_score, validation_prompts
+from cdelta.pipeline import build_edit, off_target_cost, run_prompts, selection_score, validation_prompts
 
 XSTEST_CSV = (
     "id,prompt,type,label,focus,note\n"
@@ -85,9 +86,11 @@ def test_lookalike_prompts_retain_and_validation_sets():
     assert len(val.filter(category=LOOKALIKE)) == len(prompts.filter(split="val", category=LOOKALIKE))
     assert set(val.categories()) == {*HARM_CATEGORIES, TWIN, HARMLESS, LOOKALIKE}
 
-    pool = localize_prompts(prompts, "lookalike")
-    assert {p.kind for p in pool.filter(category=LOOKALIKE)} == {"harmful"} and len(pool) == len(prompts)
-    assert localize_prompts(prompts, "cybercrime") is prompts
+    clean, contrast = prompt_pools(prompts, LOOKALIKE)
+    assert clean.texts() == prompts.filter(category=LOOKALIKE, split="train").texts()
+    assert {p.kind for p in contrast} == {"harmful"} and set(contrast.categories()) == {*HARM_CATEGORIES, TWIN}
+    with pytest.raises(CdeltaError, match="unknown category 'lookalike'"):
+        prompt_pools(load_builtin().filter(kind="harmful"), LOOKALIKE)
 
 
 def test_every_lookalike_has_one_harmful_twin_in_its_split():

@@ -13,7 +13,7 @@ import json
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -136,18 +136,6 @@ def run_prompts(targets: list[str]) -> PromptSet:
     from cdelta.data.public import load_rho_overrefusal
 
     return prompts + (load_rho_overrefusal().with_splits() + load_twins()).filter(split=["train", "val"])
-
-
-def localize_prompts(prompts: PromptSet, category: str) -> PromptSet:
-    """The prompts localize pairs from for ``category``.
-
-    As given, except for target ``lookalike``: its prompts are marked harmful there so
-    that ``make_pairs`` takes them as the clean pool (contrast ``harmful`` then pairs
-    them with the harm categories). Used for localization only.
-    """
-    if category != LOOKALIKE:
-        return prompts
-    return PromptSet(prompts.name, [replace(p, kind="harmful") if p.kind == LOOKALIKE else p for p in prompts])
 
 
 def random_circuit_like(circuit, seed: int):
@@ -337,8 +325,7 @@ def build_edit(cfg: RunConfig, run_dir: Path, lm: LoadedModel, log: Log = print,
     circuits, contrasts = [], {}
     for category in cfg.category:
         sub = run_dir / "localize" / category
-        pool = localize_prompts(prompts, category)
-        pool_key = {**base_key, "category": category, "prompts": prompts_digest(pool)}
+        pool_key = {**base_key, "category": category, "prompts": prompts_digest(prompts)}
         contrast = cfg.contrast
         fixed_rule = _fixed_contrast_rule(category, cfg.localize_metric)
         if contrast == "auto" and fixed_rule:
@@ -350,7 +337,7 @@ def build_edit(cfg: RunConfig, run_dir: Path, lm: LoadedModel, log: Log = print,
             sub.mkdir(parents=True, exist_ok=True)
             contrasts[category] = run_stage(
                 run_dir, f"contrast-{category}", {**pool_key, "n_pairs": cfg.n_pairs}, [f"localize/{category}/contrast.json"],
-                lambda: _write_json(path, choose_contrast(lm, pool, category, cfg.n_pairs, cfg.seed)[1]),
+                lambda: _write_json(path, choose_contrast(lm, prompts, category, cfg.n_pairs, cfg.seed)[1]),
                 lambda: json.loads(path.read_text()), log,
             )
             contrast = contrasts[category]["chosen"]
@@ -361,7 +348,7 @@ def build_edit(cfg: RunConfig, run_dir: Path, lm: LoadedModel, log: Log = print,
         circuits.append(
             run_stage(
                 run_dir, f"localize-{category}", key, [f"localize/{category}/circuit.json"],
-                lambda: localize(lm, category, pool, contrast=contrast, n_pairs=cfg.n_pairs, method=cfg.method,
+                lambda: localize(lm, category, prompts, contrast=contrast, n_pairs=cfg.n_pairs, method=cfg.method,
                                  steps=cfg.ig_steps, seed=cfg.seed, out_dir=sub, selection=cfg.circuit,
                                  faithfulness=cfg.faithfulness, max_memory_mb=cfg.max_memory_mb, metric=cfg.localize_metric).circuit,
                 lambda: Circuit.from_json(sub / "circuit.json"), log,

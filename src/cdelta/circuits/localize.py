@@ -41,7 +41,7 @@ from cdelta.circuits.attribution import AttributionResult, attribute
 from cdelta.circuits.circuit import Circuit
 from cdelta.circuits.metric import CategoryMetric, Metric, fit_category_metric, get_metric
 from cdelta.circuits.plots import plot_faithfulness, plot_heatmap
-from cdelta.data.prompts import Prompt, PromptSet
+from cdelta.data.prompts import LOOKALIKE, Prompt, PromptSet
 from cdelta.errors import CdeltaError
 from cdelta.io import atomic_write_json
 from cdelta.ui import progress_bar
@@ -76,15 +76,16 @@ class LocalizeResult:
     warnings: list[str] = field(default_factory=list)
 
 
-def harm_categories(prompts: PromptSet) -> list[str]:
-    """Categories of the harmful prompts in ``prompts``, in first-seen order."""
-    return prompts.filter(kind="harmful").categories()
+def target_categories(prompts: PromptSet) -> list[str]:
+    """Categories a circuit can be localized for: those of the harmful prompts in ``prompts``
+    (first-seen order), and ``lookalike`` when there are look-alikes (over-refusal repair)."""
+    return prompts.filter(kind="harmful").categories() + ([LOOKALIKE] if len(prompts.filter(category=LOOKALIKE)) else [])
 
 
 def prompt_pools(prompts: PromptSet, category: str, contrast: str = "harmful", split: str = "train") -> tuple[PromptSet, PromptSet]:
-    """``(target, contrast pool)`` of ``split``: the ``category`` prompts, and other harmful
-    categories (``harmful``), harmless prompts (``harmless``) or one named category."""
-    cats = harm_categories(prompts)
+    """``(target, contrast pool)`` of ``split``: the ``category`` prompts, and the harmful
+    prompts of other categories (``harmful``), harmless prompts (``harmless``) or one named category."""
+    cats = target_categories(prompts)
     if category not in cats:
         raise CdeltaError(f"unknown category '{category}'", f"use one of: {', '.join(cats) or '(no harmful prompts loaded)'}")
     if contrast == "harmful":
