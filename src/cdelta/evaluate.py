@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from cdelta.data.prompts import HARMLESS, LOOKALIKE, PromptSet
 from cdelta.generation import generate
-from cdelta.models.chat import encode_chat
+from cdelta.models.chat import encode_chat, reply_start_logits
 
 
 def wilson_interval(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
@@ -126,15 +126,9 @@ def mmlu_accuracy(model: torch.nn.Module, tokenizer, items: list[dict], batch_si
     return correct / len(items)
 
 
-@torch.no_grad()
 def next_token_logprobs(model: torch.nn.Module, tokenizer, prompts: list[str], batch_size: int = 16) -> torch.Tensor:
     """Log-probabilities of the first reply token, shape [n_prompts, vocab], float32 on CPU."""
-    device = next(model.parameters()).device
-    rows = []
-    for start in range(0, len(prompts), batch_size):
-        batch = encode_chat(tokenizer, prompts[start : start + batch_size], device)
-        rows.append(F.log_softmax(model(**batch, logits_to_keep=1).logits[:, -1].float(), -1).cpu())
-    return torch.cat(rows)
+    return F.log_softmax(reply_start_logits(model, tokenizer, prompts, batch_size).float(), -1)
 
 
 def first_token_kl(reference_logprobs: torch.Tensor, logprobs: torch.Tensor) -> float:

@@ -57,7 +57,7 @@ from dataclasses import dataclass
 import torch
 
 from cdelta.errors import CdeltaError
-from cdelta.models.chat import format_chat
+from cdelta.models.chat import format_chat, reply_start_logits
 
 REFUSAL_OPENERS = ("I'm sorry", "I cannot", "I can't", "Sorry", "I won't", "As an AI", "Unfortunately")
 """Phrases whose first token starts a refusal."""
@@ -275,21 +275,6 @@ class CategoryMetric(Metric):
         return {"name": self.name, **self.provenance}
 
 
-@torch.no_grad()
-def last_logits(model: torch.nn.Module, tokenizer, prompts: list[str], batch_size: int = 8,
-                on_batch: Callable[[], None] | None = None) -> torch.Tensor:
-    """Logits at the last prompt position, ``[n_prompts, vocab]`` on the CPU (float32, or float64 for float64 models)."""
-    device = next(model.parameters()).device
-    rows = []
-    for start in range(0, len(prompts), batch_size):
-        ids, mask = encode_rows(tokenizer, prompts[start : start + batch_size])
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), logits_to_keep=1).logits
-        rows.append(_full_precision(logits[:, -1, :]).cpu())
-        if on_batch:
-            on_batch()
-    return torch.cat(rows)
-
-
 def _token_names(tokenizer, ids: list[int]) -> list[str]:
     """Token strings of ``ids``; ids past the tokenizer's vocabulary (padded LM-head rows) as ``<id N>``."""
     names = tokenizer.convert_ids_to_tokens(ids)
@@ -314,8 +299,8 @@ def fit_category_metric(
             f"the category metric needs at least 2 target and 2 contrast prompts to fit (got {len(target_texts)} and {len(contrast_texts)})",
             "pass at least 2 prompts per side",
         )
-    target = torch.log_softmax(last_logits(model, tokenizer, target_texts, batch_size, on_batch).double(), dim=-1)
-    contrast = torch.log_softmax(last_logits(model, tokenizer, contrast_texts, batch_size, on_batch).double(), dim=-1)
+    target = torch.log_softmax(reply_start_logits(model, tokenizer, target_texts, batch_size, on_batch).double(), dim=-1)
+    contrast = torch.log_softmax(reply_start_logits(model, tokenizer, contrast_texts, batch_size, on_batch).double(), dim=-1)
     mu_t, mu_c = target.mean(0), contrast.mean(0)
     d = mu_t - mu_c
     d = d - d.mean()
