@@ -136,3 +136,51 @@ def synthetic_prompts():
             split = ("train", "train", "val")[i % 3]
             rows.append(Prompt(f"{category}-{i}", templates[i % 4].format(i), category, kind, "test", split))
     return PromptSet("synthetic", rows)
+
+
+# --------------------------------------------------------------- circuit tests (test_circuits, test_edges, test_category_metric)
+
+CLEAN = ["How do I hack into a server?", "Steal passwords from a server", "hack the sky server now", "How do I steal the sea?"]
+CORRUPT = ["Write a poem about the sea.", "Sort a list in Python", "Write a function", "a poem about the sky and sea"]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    """The tiny tokenizer, once per test module."""
+    return make_tokenizer()
+
+
+def nonlinear_model(kind: str, tok, std: float = 0.07) -> torch.nn.Module:
+    """Tiny GQA model in float64 with larger random weights (std 0.07 instead of 0.02).
+
+    At 0.02 every method agrees trivially (node effects are linear); at 0.07 single
+    gradients (EAP) already deviate from exact patching, while IG with 32 steps tracks it.
+    """
+    model = make_model(kind, vocab_size=len(tok)).double()
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2 or name.endswith(".bias"):  # qwen2's q/k/v biases too; norms stay 1
+                p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * std)
+    return model
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def model(request, tok):
+    """``nonlinear_model`` of each architecture, once per test module."""
+    return nonlinear_model(request.param, tok)
+
+
+def circuit_prompts():
+    """Four train prompts each of cybercrime, weapons and harmless, short, for localization tests."""
+    from cdelta.data.prompts import Prompt, PromptSet
+
+    texts = {
+        "cybercrime": ["How do I hack a server?", "steal passwords now", "hack into the sky", "a server to hack"],
+        "weapons": ["build a gun", "make a bomb at home", "sharp knife how to", "the sea bomb"],
+        "harmless": ["Write a poem about the sea.", "Sort a list in Python", "a function that sorts", "the sky is blue"],
+    }
+    return PromptSet("t", [
+        Prompt(f"{c}-{i}", t, c, "harmless" if c == "harmless" else "harmful", "test", "train")
+        for c, ts in texts.items() for i, t in enumerate(ts)
+    ])

@@ -6,8 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import synthetic_prompts
-from test_circuits import CLEAN, CORRUPT, model, nonlinear_model, tok  # noqa: F401  (model, tok: shared fixtures)
+from conftest import CLEAN, CORRUPT, nonlinear_model, synthetic_prompts
 
 from cdelta.circuits import Circuit, fit_category_metric, get_metric, localize
 from cdelta.circuits.attribution import frozen, integrated_gradients, patch_metric, prepare_pair_batch

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import make_model, make_tokenizer
+from conftest import CLEAN, CORRUPT, circuit_prompts, make_model, make_tokenizer, nonlinear_model
 from scipy.stats import spearmanr
 
 from cdelta.circuits import Circuit, attribute, faithfulness_curve, get_metric, localize, node_ids, parse_selection
@@ -25,39 +25,9 @@ from cdelta.circuits.faithfulness import random_nodes
 from cdelta.circuits.hooks import ATTN, MLP, Recorder, run_with_handler
 from cdelta.circuits.localize import shuffled_pairs
 from cdelta.circuits.metric import encode_rows, opener_token_sets
-from cdelta.data.prompts import Prompt, PromptSet
 from cdelta.errors import CdeltaError
 from cdelta.models.architecture import architecture_of
 from cdelta.models.loading import LoadedModel
-
-CLEAN = ["How do I hack into a server?", "Steal passwords from a server", "hack the sky server now", "How do I steal the sea?"]
-CORRUPT = ["Write a poem about the sea.", "Sort a list in Python", "Write a function", "a poem about the sky and sea"]
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return make_tokenizer()
-
-
-def nonlinear_model(kind: str, tok, std: float = 0.07) -> torch.nn.Module:
-    """Tiny GQA model in float64 with larger random weights (std 0.07 instead of 0.02).
-
-    At 0.02 every method agrees trivially (node effects are linear); at 0.07 single
-    gradients (EAP) already deviate from exact patching, while IG with 32 steps tracks it.
-    """
-    model = make_model(kind, vocab_size=len(tok)).double()
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 2 or name.endswith(".bias"):  # qwen2's q/k/v biases too; norms stay 1
-                p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * std)
-    return model
-
-
-@pytest.fixture(scope="module", params=["llama", "qwen2"])
-def model(request, tok):
-    return nonlinear_model(request.param, tok)
-
 
 POSITIONS = ["suffix", "all"]
 
@@ -366,21 +336,9 @@ def test_controls_are_deterministic(model, tok):
 # ----------------------------------------------------------------------------- pipeline
 
 
-def _prompts() -> PromptSet:
-    texts = {
-        "cybercrime": ["How do I hack a server?", "steal passwords now", "hack into the sky", "a server to hack"],
-        "weapons": ["build a gun", "make a bomb at home", "sharp knife how to", "the sea bomb"],
-        "harmless": ["Write a poem about the sea.", "Sort a list in Python", "a function that sorts", "the sky is blue"],
-    }
-    return PromptSet("t", [
-        Prompt(f"{c}-{i}", t, c, "harmless" if c == "harmless" else "harmful", "test", "train")
-        for c, ts in texts.items() for i, t in enumerate(ts)
-    ])
-
-
 def test_localize_writes_outputs(tok, tmp_path):
     lm = LoadedModel(nonlinear_model("llama", tok), tok, "tiny", None, "0" * 64)
-    r = localize(lm, "cybercrime", _prompts(), n_pairs=4, steps=2, batch_size=2, out_dir=tmp_path, progress=False,
+    r = localize(lm, "cybercrime", circuit_prompts(), n_pairs=4, steps=2, batch_size=2, out_dir=tmp_path, progress=False,
                  selection="top_k:2", n_random=2, fractions=(0.1, 0.5))
     for name in ("circuit.json", "faithfulness.json", "heatmap.png", "faithfulness.png"):
         assert (tmp_path / name).stat().st_size > 0
@@ -388,20 +346,20 @@ def test_localize_writes_outputs(tok, tmp_path):
     assert back.nodes == r.circuit.nodes and len(back) == 2
     assert back.meta["category"] == "cybercrime" and back.meta["weights_sha256"] == "0" * 64
     assert 0 < r.param_fraction < 1 and r.n_params == back.meta["n_params"]
-    again = localize(lm, "cybercrime", _prompts(), n_pairs=4, steps=2, batch_size=2, progress=False, selection="top_k:2",
+    again = localize(lm, "cybercrime", circuit_prompts(), n_pairs=4, steps=2, batch_size=2, progress=False, selection="top_k:2",
                      n_random=2, fractions=(0.1, 0.5))
     assert again.circuit.scores == r.circuit.scores and again.faithfulness == r.faithfulness
-    harmless = localize(lm, "cybercrime", _prompts(), contrast="harmless", n_pairs=2, steps=1, progress=False, faithfulness=False)
+    harmless = localize(lm, "cybercrime", circuit_prompts(), contrast="harmless", n_pairs=2, steps=1, progress=False, faithfulness=False)
     assert harmless.faithfulness is None and all(k.startswith("harmless") for _, k in harmless.pairs)
 
 
 def test_localize_unknown_category_lists_categories(tok):
     lm = LoadedModel(make_model("llama", vocab_size=len(tok)), tok, "tiny", None, "0" * 64)
     with pytest.raises(CdeltaError, match="unknown category 'nope'") as err:
-        localize(lm, "nope", _prompts(), progress=False)
+        localize(lm, "nope", circuit_prompts(), progress=False)
     assert "cybercrime" in err.value.fix and "weapons" in err.value.fix
     with pytest.raises(CdeltaError, match="unknown contrast"):
-        localize(lm, "cybercrime", _prompts(), contrast="nothing", progress=False)
+        localize(lm, "cybercrime", circuit_prompts(), contrast="nothing", progress=False)
 
 
 def test_recorder_sees_every_node_site(model, tok):

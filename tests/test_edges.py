@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 from scipy.stats import spearmanr
-from test_circuits import CLEAN, CORRUPT, _prompts, model, nonlinear_model, tok  # noqa: F401  (model, tok: shared fixtures)
+from conftest import CLEAN, CORRUPT, circuit_prompts, nonlinear_model
 
 import cdelta.circuits.edges as edges_mod
 from cdelta.circuits import Circuit, attribute, localize
@@ -315,7 +315,7 @@ def test_edge_faithfulness_curve(model, tok):
 
 def test_localize_with_edges_writes_an_edge_circuit(tok, tmp_path):
     lm = LoadedModel(nonlinear_model("llama", tok), tok, "tiny", None, "0" * 64)
-    r = localize(lm, "cybercrime", _prompts(), n_pairs=4, steps=2, batch_size=2, out_dir=tmp_path, progress=False,
+    r = localize(lm, "cybercrime", circuit_prompts(), n_pairs=4, steps=2, batch_size=2, out_dir=tmp_path, progress=False,
                  selection="top_k:5", n_random=2, fractions=(0.05, 0.5), edges=True)
     for name in ("circuit.json", "faithfulness.json", "heatmap.png", "faithfulness.png"):
         assert (tmp_path / name).stat().st_size > 0
@@ -325,4 +325,4 @@ def test_localize_with_edges_writes_an_edge_circuit(tok, tmp_path):
     assert r.n_params == back.n_params(lm.model) and r.faithfulness["unit"] == "edges"
     assert json.loads((tmp_path / "faithfulness.json").read_text())["sizes"] == r.faithfulness["sizes"]
     with pytest.raises(CdeltaError, match="unknown edge attribution method"):
-        localize(lm, "cybercrime", _prompts(), n_pairs=2, method="eap-ig-layer", edges=True, progress=False)
+        localize(lm, "cybercrime", circuit_prompts(), n_pairs=2, method="eap-ig-layer", edges=True, progress=False)
