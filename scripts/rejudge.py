@@ -11,20 +11,19 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections import defaultdict
 from pathlib import Path
 
+from cdelta.data.prompts import Prompt, PromptSet
+from cdelta.evaluate import RefusalStat, refusal_stats
 from cdelta.judge import get_judge
 
 
-def refusal_rates(generations: dict[str, list[dict]], judge) -> dict[str, dict[str, tuple[int, int]]]:
-    """``{set: {category: (refused, n)}}`` of stored generations (each with prompt, completion, category)."""
-    out: dict[str, dict[str, tuple[int, int]]] = {}
+def refusal_rates(generations: dict[str, list[dict]], judge) -> dict[str, dict[str, RefusalStat]]:
+    """``{set: {category: RefusalStat}}`` of stored generations (each with prompt, completion, category)."""
+    out: dict[str, dict[str, RefusalStat]] = {}
     for set_name, items in generations.items():
-        counts: dict[str, list[bool]] = defaultdict(list)
-        for item in items:
-            counts[item["category"]].append(judge.is_refusal(item["prompt"], item["completion"]))
-        out[set_name] = {category: (sum(v), len(v)) for category, v in counts.items()}
+        prompts = PromptSet(set_name, [Prompt(str(i), item["prompt"], item["category"], "", set_name) for i, item in enumerate(items)])
+        out[set_name] = refusal_stats(prompts, [judge.is_refusal(item["prompt"], item["completion"]) for item in items])
     return out
 
 
@@ -41,7 +40,7 @@ def main() -> None:
     models = {which: results[which] for which in ("base", "edited") if which in results} or {"model": results}
     for which, result in models.items():
         for set_name, rates in refusal_rates(result["generations"], judge).items():
-            cells = "  ".join(f"{c} {r}/{n} = {100 * r / n:.1f}%" for c, (r, n) in rates.items())
+            cells = "  ".join(f"{c} {cell.refusals}/{cell.n} = {100 * cell.rate:.1f}%" for c, cell in rates.items())
             print(f"{which:>6} {set_name}: {cells}")
 
 
