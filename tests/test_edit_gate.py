@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from cdelta.config import RunConfig
+from cdelta.data.builtin import load_builtin
 from cdelta.edit.batches import build_reply_batch, reply_logits, reply_nll
 from cdelta.edit.delta import apply_to_model
 from cdelta.edit.gate import (Gate, choose_threshold, decision_open_rates, fit_gate, fit_gate_probe, gate_rows,
@@ -186,6 +187,7 @@ def test_gated_variant_in_the_pipeline_edits_one_mlp_neuron_and_its_random_contr
     assert len(chosen) == 1 and sum("gate τ=" in line for line in logged) == 5 and "target" in chosen[0]
     assert 0 < auto.params_touched <= 3 * d
     assert "harmless" in chosen[0], "refuse: a gate opening on harmless prompts costs"
+    assert auto.gate_val.texts() == load_builtin().filter(split="val").texts(), "τ is chosen on the whole validation split"
     lifted: list[str] = []
     build_edit(RunConfig(**{**cfg.model_dump(), "gate_threshold": "auto", "direction": "lift"}), tmp_path / "lift-auto", lm,
                log=lifted.append)

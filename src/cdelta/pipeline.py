@@ -155,8 +155,9 @@ class BuiltEdit:
     ``delta`` is already scaled by the chosen ``k``; ``raw`` is the unscaled one;
     ``circuit`` is the selection spec used (``cfg.circuit``, or the search's pick).
     ``masks`` are the circuit's boolean parameter masks (name → tensor of the
-    parameter's shape); for the gated variant, the entries ΔθC changes, and ``host`` is
-    the layer of its MLP.
+    parameter's shape); for the gated variant, the entries ΔθC changes, ``host`` is
+    the layer of its MLP and ``gate_val`` the validation prompts an automatic gate
+    threshold is chosen on.
     """
 
     delta: Delta
@@ -173,7 +174,7 @@ class BuiltEdit:
     search: dict | None = None
     timings: dict[str, float] = field(default_factory=dict)
     host: int | None = None
-    val: PromptSet | None = None
+    gate_val: PromptSet | None = None
 
     @property
     def params_touched(self) -> int:
@@ -220,14 +221,14 @@ def random_host_layer(circuits: list, seed: int) -> int:
 
 
 def _train_delta(lm: LoadedModel, masks, data: EditData, cfg: RunConfig, contrast_data: EditData | None, label: str,
-                 host: int | None = None, val: PromptSet | None = None, log: Log = print) -> Delta:
+                 host: int | None = None, gate_val: PromptSet | None = None, log: Log = print) -> Delta:
     """Direct: one masked fine-tune. Contrastive: θ_pos − θ_neg from two masked fine-tunes.
     Gated: the compiled gate in MLP ``host`` and its trained down columns (without a host,
     e.g. the all-parameter control, gated trains directly); ``gate_threshold = "auto"``
-    chooses its threshold on ``val``."""
+    chooses its threshold on ``gate_val``."""
     train = cfg.train_config()
     if cfg.variant == "gated" and host is not None:
-        threshold = cfg.gate_threshold if cfg.gate_threshold != "auto" else _threshold_chooser(lm, cfg, val, label, log)
+        threshold = cfg.gate_threshold if cfg.gate_threshold != "auto" else _threshold_chooser(lm, cfg, gate_val, label, log)
         gate = fit_gate(lm.model, lm.tokenizer, host, data.target + contrast_data.target, data.retain, cfg.gate_neurons,
                         threshold, span=cfg.gate_span)
         return gated_finetune(lm.model, lm.tokenizer, gate, data, train, description=f"{label}: gated L{host}")
@@ -385,8 +386,12 @@ def build_edit(cfg: RunConfig, run_dir: Path, lm: LoadedModel, log: Log = print,
     if cfg.variant == "gated":
         edit_key.update(gate_neurons=cfg.gate_neurons, gate_threshold=cfg.gate_threshold, gate_span=cfg.gate_span,
                         own_target=file_digest(run_dir / "own_target.json"), gate_recipe=GATE_RECIPE)
-
+    # k is chosen on a capped sample (it generates); an automatic gate threshold on every
+    # validation prompt (forward passes only: 8 prompts of a category cannot steer it)
     val = validation_prompts(prompts, cfg.category, cfg.seed)
+    gate_val = prompts.filter(split="val")
+    if cfg.variant == "gated" and cfg.gate_threshold == "auto":
+        edit_key["gate_val"] = prompts_digest(gate_val)
 
     def selected_for(size: str) -> list:
         return [c.select_spec(size, lm.model) for c in circuits]
@@ -394,7 +399,7 @@ def build_edit(cfg: RunConfig, run_dir: Path, lm: LoadedModel, log: Log = print,
     def train(size: str) -> Delta:
         selected = selected_for(size)
         if cfg.variant == "gated":  # the host MLP, not the circuit's parameters, is edited
-            return _train_delta(lm, {}, data, cfg, contrast_data, f"circuit {size}", gate_host_layer(selected), val, log)
+            return _train_delta(lm, {}, data, cfg, contrast_data, f"circuit {size}", gate_host_layer(selected), gate_val, log)
         return _train_delta(lm, _circuit_masks(selected, lm.model), data, cfg, contrast_data, f"circuit {size}")
 
     def train_for(size: str) -> Delta:
@@ -440,7 +445,7 @@ def build_edit(cfg: RunConfig, run_dir: Path, lm: LoadedModel, log: Log = print,
         host, masks = None, _circuit_masks(selected, lm.model)
     timings["edit_and_select"] = time.perf_counter() - clock
     return BuiltEdit(compose(raw, None, k_info["k"]), raw, k_info["k"], k_info, masks, selected, contrasts,
-                     data, contrast_data, {**edit_key, "circuit": size}, size, search, timings, host, val)
+                     data, contrast_data, {**edit_key, "circuit": size}, size, search, timings, host, gate_val)
 
 
 def build_control(cfg: RunConfig, run_dir: Path, lm: LoadedModel, built: BuiltEdit, kind: str, log: Log = print) -> tuple[Delta, dict]:
@@ -467,7 +472,7 @@ def build_control(cfg: RunConfig, run_dir: Path, lm: LoadedModel, built: BuiltEd
     delta = run_stage(
         sub, f"control-{kind}", key, ["delta.safetensors"],
         lambda: _save_delta(sub / "delta.safetensors", compose(_train_delta(lm, masks, built.data, cfg, built.contrast_data, kind, host,
-                                                                            built.val, log), None, built.k), key),
+                                                                            built.gate_val, log), None, built.k), key),
         lambda: load_sparse(sub / "delta.safetensors")[0], log,
     )
     if host is not None:
