@@ -300,9 +300,9 @@ def _lift_replies(lm: LoadedModel, prompts: PromptSet, target: PromptSet, cfg: R
 
 
 def _fixed_contrast_rule(category: str, metric: str) -> str | None:
-    """Why ``contrast = "auto"`` means the harm categories without measuring a refusal gap, or None."""
+    """Why ``contrast = "auto"`` means ``harmful`` (the other categories' harmful prompts) without measuring a refusal gap, or None."""
     if category == LOOKALIKE:
-        return "look-alike target: corrupted prompts are the harm categories"
+        return "look-alike target: corrupted prompts are the harmful ones"
     if metric == "category":
         return "category metric: evidence for the category against the other harm categories"
     return None
