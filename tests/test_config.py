@@ -59,3 +59,19 @@ def test_config_file_reproduces_cli_run_byte_for_byte(tiny_llama_dir, tmp_path, 
         assert done.value.code == 0
     a = (tmp_path / "from_file" / "delta.safetensors").read_bytes()
     assert a == (tmp_path / "from_flags" / "delta.safetensors").read_bytes()
+
+
+def test_gate_span_flag_reaches_the_run_config(monkeypatch, tmp_path):
+    import cdelta.pipeline
+
+    seen = {}
+
+    def fake_run(cfg, out_dir, log):
+        seen["cfg"] = cfg
+        raise SystemExit(0)
+
+    monkeypatch.setattr(cdelta.pipeline, "run_pipeline", fake_run)
+    monkeypatch.setattr(sys, "argv", ["cdelta", "--quiet", "run", "--variant", "gated", "--gate-span", "4", "--out", str(tmp_path / "r")])
+    with pytest.raises(SystemExit):
+        cli.main()
+    assert seen["cfg"].variant == "gated" and seen["cfg"].gate_span == 4
