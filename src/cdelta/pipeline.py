@@ -326,7 +326,7 @@ def build_edit(cfg: RunConfig, run_dir: Path, lm: LoadedModel, log: Log = print,
     circuits, contrasts = [], {}
     for category in cfg.category:
         sub = run_dir / "localize" / category
-        pool_key = {**base_key, "category": category, "prompts": prompts_digest(prompts)}
+        category_key = {**base_key, "category": category, "prompts": prompts_digest(prompts)}
         contrast = cfg.contrast
         fixed_rule = _fixed_contrast_rule(category, cfg.localize_metric)
         if contrast == "auto" and fixed_rule:
@@ -337,14 +337,14 @@ def build_edit(cfg: RunConfig, run_dir: Path, lm: LoadedModel, log: Log = print,
             path = sub / "contrast.json"
             sub.mkdir(parents=True, exist_ok=True)
             contrasts[category] = run_stage(
-                run_dir, f"contrast-{category}", {**pool_key, "n_pairs": cfg.n_pairs}, [f"localize/{category}/contrast.json"],
+                run_dir, f"contrast-{category}", {**category_key, "n_pairs": cfg.n_pairs}, [f"localize/{category}/contrast.json"],
                 lambda: _write_json(path, choose_contrast(lm, prompts, category, cfg.n_pairs, cfg.seed)[1]),
                 lambda: json.loads(path.read_text()), log,
             )
             contrast = contrasts[category]["chosen"]
             log(f"{category}: contrast {contrast} (refusal gap to other harmful categories "
                 f"{contrasts[category]['harmful_gap']:.3f} ± {contrasts[category]['harmful_gap_se']:.3f} SE)")
-        key = {**pool_key, "contrast": contrast, **cfg.model_dump(include={"n_pairs", "method", "ig_steps", "circuit", "faithfulness"}),
+        key = {**category_key, "contrast": contrast, **cfg.model_dump(include={"n_pairs", "method", "ig_steps", "circuit", "faithfulness"}),
                **({"metric": cfg.localize_metric} if cfg.localize_metric != "logodds" else {})}
         circuits.append(
             run_stage(
