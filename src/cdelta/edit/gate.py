@@ -34,7 +34,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -259,9 +259,8 @@ def decision_open_rates(model: torch.nn.Module, tokenizer, gate: Gate, groups: d
     """
     inputs = mlp_inputs(model, tokenizer, [(text, "") for texts in groups.values() for text in texts], gate.layer)
     decision = torch.stack([x[reply][0] for x, reply, _ in inputs])
-    probe, unit = decision @ gate.weight, decision @ gate.unit
     sizes = [len(texts) for texts in groups.values()]
-    return {tau: {name: float(opens.float().mean()) for name, opens in zip(groups, ((probe - tau * unit) > 0).split(sizes))}
+    return {tau: {name: float(opens.float().mean()) for name, opens in zip(groups, replace(gate, threshold=tau).fires(decision).split(sizes))}
             for tau in thresholds}
 
 
