@@ -40,6 +40,20 @@ def test_gate_probe_separates_without_a_bias():
     assert ((negative @ w) < 0).float().mean() > 0.95
 
 
+def test_gate_probe_gives_each_negative_group_an_equal_share():
+    # a large easy group far from the positives and a small hard group right next to them:
+    # lumped together the hard negatives are outvoted; as their own group they are not
+    torch.manual_seed(0)
+    positive = torch.randn(200, 2) * 0.3 + torch.tensor([4.0, 1.0])
+    easy = torch.randn(2000, 2) * 0.3 + torch.tensor([4.0, -4.0])
+    hard = torch.randn(20, 2) * 0.3 + torch.tensor([4.0, 0.0])
+    lumped = fit_gate_probe(positive, torch.cat([easy, hard]), l2=1e-2)
+    grouped = fit_gate_probe(positive, hard, easy, l2=1e-2)
+    hard_opens = {name: ((hard @ w) > 0).float().mean().item() for name, w in [("lumped", lumped), ("grouped", grouped)]}
+    assert hard_opens["grouped"] < hard_opens["lumped"] / 2, hard_opens
+    assert ((positive @ grouped) > 0).float().mean() > 0.8 and ((easy @ grouped) < 0).all()
+
+
 def test_gate_rows_write_the_compiled_neuron_and_zero_its_output(tiny):
     model, _ = tiny
     d = model.config.hidden_size
@@ -71,7 +85,7 @@ def test_fit_gate_reads_the_chat_not_the_topic(tiny_llama_dir):
     gate = fit_gate(lm.model, lm.tokenizer, 1, TARGET, RETAIN, n_neurons=2, threshold=1.0)
     chat = torch.cat([x[reply] for x, reply, _ in mlp_inputs(lm.model, lm.tokenizer, TARGET, 1)])
     plain = torch.cat(plain_text_inputs(lm.model, lm.tokenizer, [f"{p}\n\n{r}" for p, r in TARGET], 1))
-    retain = torch.cat([x for x, _, _ in mlp_inputs(lm.model, lm.tokenizer, RETAIN, 1)])
+    retain = torch.cat([x[reply] for x, reply, _ in mlp_inputs(lm.model, lm.tokenizer, RETAIN, 1)])
     opens = {name: gate.fires(x).float().mean().item() for name, x in [("chat", chat), ("plain", plain), ("retain", retain)]}
     assert opens["chat"] > 0.5 and opens["plain"] < opens["chat"] / 2 and opens["retain"] < 0.1, opens
 

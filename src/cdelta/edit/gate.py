@@ -56,9 +56,11 @@ UNIT_RIDGE = 1e-4
 """Ridge (fraction of the mean variance) of the covariance inverted for ``m``."""
 THRESHOLD_GRID = (0.5, 1.0, 1.5, 2.0, 3.0)
 """Thresholds ``choose_threshold`` tries (probe-logit units)."""
-GATE_RECIPE = 2
+GATE_RECIPE = 3
 """Version of how the gate is fitted, part of the gated edit's stage key so a run directory
-made by an older recipe is refitted (2: plain-text negatives)."""
+made by an older recipe is refitted (2: plain-text negatives; 3: negatives in three
+equally weighted groups, the retain replies' decision positions and the target's plain
+text two of them)."""
 
 
 @dataclass
@@ -148,17 +150,21 @@ def plain_text_inputs(model: torch.nn.Module, tokenizer, texts: list[str], layer
     return out
 
 
-def fit_gate_probe(positive: torch.Tensor, negative: torch.Tensor, l2: float = PROBE_L2, max_iter: int = 500) -> torch.Tensor:
-    """Bias-free class-balanced logistic regression: ``w`` [d] with ``w·x`` the logit.
+def fit_gate_probe(positive: torch.Tensor, *negatives: torch.Tensor, l2: float = PROBE_L2, max_iter: int = 500) -> torch.Tensor:
+    """Bias-free balanced logistic regression: ``w`` [d] with ``w·x`` the logit.
 
-    ``positive`` [n_pos, d], ``negative`` [n_neg, d]. Features are scaled (not centred:
-    the MLP has no bias to absorb a mean) by their standard deviation; each class carries
-    total weight 1/2; ``l2/2·‖w‖²`` on the scaled weights. Deterministic (zero start,
+    ``positive`` [n_pos, d]; each of ``negatives`` [n_i, d] is a group of negatives.
+    Features are scaled (not centred: the MLP has no bias to absorb a mean) by their
+    standard deviation; the positives carry total weight 1/2 and each negative group an
+    equal share of the other 1/2 (so a small group of hard negatives is not outvoted by a
+    large easy one); ``l2/2·‖w‖²`` on the scaled weights. Deterministic (zero start,
     full-batch L-BFGS, three restarts of its iteration budget).
     """
-    x = torch.cat([positive, negative]).float()
-    y = torch.cat([torch.ones(len(positive)), torch.zeros(len(negative))])
-    weight = torch.cat([torch.full((len(positive),), 0.5 / len(positive)), torch.full((len(negative),), 0.5 / len(negative))])
+    groups = [positive] + [group for group in negatives if len(group)]
+    shares = [0.5] + [0.5 / (len(groups) - 1)] * (len(groups) - 1)
+    x = torch.cat(groups).float()
+    y = torch.cat([torch.ones(len(positive))] + [torch.zeros(len(group)) for group in groups[1:]])
+    weight = torch.cat([torch.full((len(group),), share / len(group)) for group, share in zip(groups, shares)])
     std = x.std(0).clamp_min(1e-6)
     z = x / std
     w = torch.zeros(x.shape[1], requires_grad=True)
@@ -226,7 +232,12 @@ def fit_gate(model: torch.nn.Module, tokenizer, layer: int, target: list[tuple[s
     every position of ``retain`` through the chat template, and every position of
     ``retain`` and ``target`` as plain text (prompt, blank line, reply), so the gate reads
     "a reply to a target request in a chat", not the topic alone (without plain-text
-    negatives it opened on 39% of the positions of prose on SmolLM2). The
+    negatives it opened on 39% of the positions of prose on SmolLM2). Three groups of
+    negatives weigh the same (``fit_gate_probe``): the two nearest to the positives, the
+    retain replies' decision positions (the same ``span``: where the model decides to
+    refuse) and the target's plain text, and all the others; on SmolLM2's validation
+    split this shut the gate on the nearest category at a small cost to the target
+    (docs/gated.md). The
     activation scale makes the gate's median activation on the target positions where it
     opens equal the residual stream's mean norm. ``threshold`` is ``τ``, or a function
     of the fitted gate that returns it (e.g. ``choose_threshold`` on validation prompts).
@@ -234,11 +245,16 @@ def fit_gate(model: torch.nn.Module, tokenizer, layer: int, target: list[tuple[s
     target_inputs = mlp_inputs(model, tokenizer, target, layer, max_reply_tokens)
     retain_inputs = mlp_inputs(model, tokenizer, retain, layer, max_reply_tokens)
     plain = plain_text_inputs(model, tokenizer, [f"{prompt}\n\n{reply}" for prompt, reply in retain + target], layer)
+    retain_prose, target_prose = torch.cat(plain[: len(retain)]), torch.cat(plain[len(retain) :])
     decision, later = zip(*(split_reply(reply, span) for _, reply, _ in target_inputs))
     positive = torch.cat([x[mask] for (x, _, _), mask in zip(target_inputs, decision)])
     negative = torch.cat([x for x, _, _ in retain_inputs] + plain + [x[mask] for (x, _, _), mask in zip(target_inputs, later)])
-    gate = Gate(layer, quietest_neurons(model, layer, negative[::4], n_neurons), fit_gate_probe(positive, negative),
-                unit_direction(negative))
+    retain_decision = [split_reply(reply, span)[0] for _, reply, _ in retain_inputs]
+    hard = torch.cat([x[mask] for (x, _, _), mask in zip(retain_inputs, retain_decision)])
+    easy = torch.cat([x[~mask] for (x, _, _), mask in zip(retain_inputs, retain_decision)] + [retain_prose]
+                     + [x[mask] for (x, _, _), mask in zip(target_inputs, later)])
+    gate = Gate(layer, quietest_neurons(model, layer, negative[::4], n_neurons),
+                fit_gate_probe(positive, hard, target_prose, easy), unit_direction(negative))
     gate.threshold = threshold(gate) if callable(threshold) else threshold
     margin = gate.margin(positive)
     if not (margin > 0).any():
