@@ -4,12 +4,14 @@ Loads the base model of a gated run (``cdelta run --variant gated``), applies th
 sparse delta and records the host neurons' activation at every position of
 
 * the project's validation prompts per category, through the chat template (all prompt
-  positions; the gate decides there before the reply starts), and
+  positions, and the decision position, the last prompt token, where the model decides
+  how to start its reply), and
 * the perplexity text (plain prose, no template), in 512-token windows.
 
 A position counts as open when the gate neurons' summed activation exceeds 1 (the
 activation is ≈ ``c·max(w·x − τ, 0)`` with ``c`` tens to hundreds, so closed positions sit
-near 0). Prints the fraction of open positions per set and the run's perplexity ratio.
+near 0). Prints the fraction of open positions per set, the prompts open at their decision
+position, and the run's perplexity ratio.
 
     .venv/bin/python bench/gate_openings.py runs/smollm2-gated
 """
@@ -62,12 +64,14 @@ def main() -> None:
     val = load_builtin().filter(split="val")
     for category in val.categories():
         texts = val.filter(category=category).texts()
-        opened, total = 0, 0
+        opened, total, decided = 0, 0, 0
         for start in range(0, len(texts), 16):
-            batch = encode_chat(lm.tokenizer, texts[start : start + 16])
-            act = activations(lm.model, layer, neurons, **batch)[batch["attention_mask"].bool()]
-            opened, total = opened + int((act > OPEN).sum()), total + act.numel()
-        print(f"{category:>10}: {opened / total:6.1%} of {total} chat prompt positions open")
+            batch = encode_chat(lm.tokenizer, texts[start : start + 16])  # left-padded: -1 is the last prompt token
+            act = activations(lm.model, layer, neurons, **batch)
+            real = act[batch["attention_mask"].bool()]
+            opened, total, decided = opened + int((real > OPEN).sum()), total + real.numel(), decided + int((act[:, -1] > OPEN).sum())
+        print(f"{category:>10}: {opened / total:6.1%} of {total} chat prompt positions open; "
+              f"{decided}/{len(texts)} prompts open at the decision position")
     ids = lm.tokenizer(load_ppl_text(), return_tensors="pt")["input_ids"][0]
     act = torch.cat([activations(lm.model, layer, neurons, input_ids=ids[s : s + 512][None])[0] for s in range(0, len(ids), 512)])
     print(f"{'prose':>10}: {(act > OPEN).float().mean():6.1%} of {act.numel()} plain-text positions open")
