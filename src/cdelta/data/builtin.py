@@ -57,6 +57,27 @@ def load_twins(split_seed: int = 0) -> PromptSet:
     ])
 
 
+@lru_cache(maxsize=4)
+def load_pairs(split_seed: int = 0) -> PromptSet:
+    """Project-written over-refusal minimal pairs (``pairs.jsonl``): a benign look-alike and
+    the same sentence minimally changed into a request to refuse, for ten kinds of
+    look-alike (homonyms, figurative language, safe targets, safe contexts, definitions,
+    discrimination of nonsense groups, nonsense discrimination of real groups, historical
+    events, public figures' public facts, fictional characters' private facts; the kinds
+    of the XSTest paper, none of its prompts).
+
+    Per pair ``pair-NNN``: ``pair-NNN-safe`` (category and kind ``lookalike``) and
+    ``pair-NNN-unsafe`` (category ``twin``, kind harmful), both with ``source_category``
+    the harm category of the unsafe side and the pair's split (``assign_split`` of its id).
+    """
+    prompts: list[Prompt] = []
+    for r in _read_jsonl("pairs.jsonl"):
+        split = assign_split(r["id"], split_seed)
+        prompts.append(Prompt(f"{r['id']}-safe", r["safe"], LOOKALIKE, LOOKALIKE, "pairs", split, r["category"]))
+        prompts.append(Prompt(f"{r['id']}-unsafe", r["unsafe"], TWIN, "harmful", "pairs", split, r["category"]))
+    return PromptSet("pairs", prompts)
+
+
 @lru_cache(maxsize=1)
 def refusal_replies() -> dict[str, list[str]]:
     """Project-written refusal replies per harm category (plus ``generic``)."""

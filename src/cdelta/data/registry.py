@@ -36,9 +36,16 @@ def _twins() -> PromptSet:
     return load_twins()
 
 
+def _pairs() -> PromptSet:
+    from cdelta.data.builtin import load_pairs
+
+    return load_pairs()
+
+
 SOURCES: dict[str, str] = {
     "builtin": "cdelta's own prompts: six harm categories, harmless and look-alike prompts, with train/val/test splits",
     "twins": "cdelta's harmful twins of its look-alikes (minimal pairs to refuse), category twin, same splits as their look-alikes",
+    "pairs": "cdelta's over-refusal minimal pairs: 160 look-alikes of ten kinds, each with its harmful twin (category twin), split per pair",
     "strongreject": "StrongREJECT: 313 forbidden prompts, 6 source categories (evaluation, split test)",
     "jailbreakbench": "JailbreakBench JBB-Behaviors: 100 harmful goals, 10 categories x 10 (evaluation, split test)",
     "uncensorbench": "uncensorbench: 150 prompts LLMs tend to refuse, 15 topics x 10 (evaluation, split test)",
@@ -50,6 +57,7 @@ SOURCES: dict[str, str] = {
 _LOADERS: dict[str, Callable[[], PromptSet]] = {
     "builtin": _builtin,
     "twins": _twins,
+    "pairs": _pairs,
     "strongreject": public.load_strongreject,
     "jailbreakbench": public.load_jailbreakbench,
     "uncensorbench": public.load_uncensorbench,
