@@ -1,0 +1,71 @@
+"""Per layer: how well a decision-position probe separates a target from its negatives.
+
+For every MLP layer of the model, fits the gated variant's probe (``fit_gate_probe``) on the
+MLP input at the decision position (the last prompt token, through the chat template) of
+the train-split prompts of a run (``pipeline.run_prompts``): the target category against
+every other harmful category and the look-alikes (target ``lookalike``: the look-alikes
+against every harmful prompt, twins included), and scores the validation split. Prints per
+layer the validation AUC and the fraction of validation negatives above the threshold that
+keeps 80% of the validation positives. It shows whether the host EAP-IG picks (``run.log``)
+is a layer where the category is linearly visible, and how a random host compares.
+
+    .venv/bin/python bench/gate_layer_separation.py smollm2-135m cybercrime
+"""
+
+from __future__ import annotations
+
+import argparse
+from contextlib import ExitStack
+
+import torch
+
+from cdelta.data.prompts import LOOKALIKE, PromptSet
+from cdelta.edit.gate import fit_gate_probe, recording_mlp_input
+from cdelta.models.chat import encode_chat
+from cdelta.models.loading import load_model
+from cdelta.pipeline import run_prompts
+
+PROBE_L2 = 1e-2
+"""Probe L2 here: decision positions only are ~10× fewer samples than the gate's fit."""
+
+
+@torch.no_grad()
+def decision_inputs(lm, texts: list[str], batch_size: int = 16) -> dict[int, torch.Tensor]:
+    """``{layer: MLP input at each prompt's last token [n_prompts, d_model]}``, one forward pass per batch."""
+    layers = range(lm.model.config.num_hidden_layers)
+    with ExitStack() as stack:
+        inputs = {layer: stack.enter_context(recording_mlp_input(lm.model, layer)) for layer in layers}
+        for start in range(0, len(texts), batch_size):
+            lm.model.get_decoder()(**encode_chat(lm.tokenizer, texts[start : start + batch_size]), use_cache=False)
+    return {layer: torch.cat([x[:, -1].float() for x in inputs[layer]]) for layer in layers}  # left-padded: -1 is the last prompt token
+
+
+def split_sets(prompts: PromptSet, target: str, split: str) -> tuple[list[str], list[str]]:
+    """(positive, negative) prompt texts of one split."""
+    part = prompts.filter(split=split)
+    if target == LOOKALIKE:
+        return part.filter(kind=LOOKALIKE).texts(), part.filter(kind="harmful").texts()
+    return part.filter(category=target).texts(), part.filter(kind=["harmful", LOOKALIKE], exclude_category=target).texts()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model")
+    parser.add_argument("target")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    lm = load_model(args.model)
+    prompts = run_prompts([args.target])
+    (train_pos, train_neg), (val_pos, val_neg) = (split_sets(prompts, args.target, s) for s in ("train", "val"))
+    print(f"train {len(train_pos)} positive / {len(train_neg)} negative prompts; val {len(val_pos)} / {len(val_neg)}")
+    x_train_pos, x_train_neg, x_val_pos, x_val_neg = (decision_inputs(lm, t) for t in (train_pos, train_neg, val_pos, val_neg))
+    for layer in x_train_pos:
+        w = fit_gate_probe(x_train_pos[layer], x_train_neg[layer], l2=PROBE_L2)
+        pos, neg = x_val_pos[layer] @ w, x_val_neg[layer] @ w
+        auc = float((pos[:, None] > neg[None, :]).float().mean())
+        opened = float((neg > pos.quantile(0.2)).float().mean())
+        print(f"L{layer:<3d} validation AUC {auc:.3f}; negatives open at 80% of positives: {opened:.3f}")
+
+
+if __name__ == "__main__":
+    main()
