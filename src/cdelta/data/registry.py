@@ -16,6 +16,7 @@ category value) and ``name`` (source and set name). See ``files.load_prompt_file
 from __future__ import annotations
 
 from collections.abc import Callable
+from importlib import import_module
 from pathlib import Path
 
 from cdelta.data import public
@@ -24,22 +25,14 @@ from cdelta.data.prompts import PromptSet
 from cdelta.errors import CdeltaError
 
 
-def _builtin() -> PromptSet:
-    from cdelta.data.builtin import load_builtin  # lazy: the builtin set loads its packaged files
+def _packaged(loader: str) -> Callable[[], PromptSet]:
+    """A loader that calls ``cdelta.data.builtin.<loader>()`` when first used (lazy: the
+    project's sets read their packaged files only when asked for)."""
 
-    return load_builtin()
+    def load() -> PromptSet:
+        return getattr(import_module("cdelta.data.builtin"), loader)()
 
-
-def _twins() -> PromptSet:
-    from cdelta.data.builtin import load_twins
-
-    return load_twins()
-
-
-def _pairs() -> PromptSet:
-    from cdelta.data.builtin import load_pairs
-
-    return load_pairs()
+    return load
 
 
 SOURCES: dict[str, str] = {
@@ -55,9 +48,9 @@ SOURCES: dict[str, str] = {
 """Source names accepted by ``load_source`` with one-line descriptions (for ``cdelta data list``)."""
 
 _LOADERS: dict[str, Callable[[], PromptSet]] = {
-    "builtin": _builtin,
-    "twins": _twins,
-    "pairs": _pairs,
+    "builtin": _packaged("load_builtin"),
+    "twins": _packaged("load_twins"),
+    "pairs": _packaged("load_pairs"),
     "strongreject": public.load_strongreject,
     "jailbreakbench": public.load_jailbreakbench,
     "uncensorbench": public.load_uncensorbench,
