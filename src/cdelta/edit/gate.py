@@ -32,7 +32,7 @@ change is bounded by where the gate fires. ΔθC touches ``3·n·d_model`` weigh
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
@@ -56,11 +56,12 @@ UNIT_RIDGE = 1e-4
 """Ridge (fraction of the mean variance) of the covariance inverted for ``m``."""
 THRESHOLD_GRID = (0.5, 1.0, 1.5, 2.0, 3.0)
 """Thresholds ``choose_threshold`` tries (probe-logit units)."""
-GATE_RECIPE = 3
+GATE_RECIPE = 4
 """Version of how the gate is fitted, part of the gated edit's stage key so a run directory
 made by an older recipe is refitted (2: plain-text negatives; 3: negatives in three
 equally weighted groups, the retain replies' decision positions and the target's plain
-text two of them)."""
+text two of them; 4: retain prompts may be left free at their decision positions, as lift
+edits leave harmless prompts)."""
 
 
 @dataclass
@@ -222,7 +223,7 @@ def split_reply(reply: torch.Tensor, span: int | None) -> tuple[torch.Tensor, to
 
 def fit_gate(model: torch.nn.Module, tokenizer, layer: int, target: list[tuple[str, str]], retain: list[tuple[str, str]],
              n_neurons: int = 1, threshold: float | Callable[[Gate], float] = THRESHOLD, max_reply_tokens: int = 24,
-             span: int | None = None) -> Gate:
+             span: int | None = None, free: Collection[str] = ()) -> Gate:
     """Fit the gate of ``layer`` from target (prompt, reply) and retain (prompt, base reply) pairs.
 
     Positives: the reply positions of ``target`` (learned refusals and the base's own
@@ -241,6 +242,11 @@ def fit_gate(model: torch.nn.Module, tokenizer, layer: int, target: list[tuple[s
     activation scale makes the gate's median activation on the target positions where it
     opens equal the residual stream's mean norm. ``threshold`` is ``τ``, or a function
     of the fitted gate that returns it (e.g. ``choose_threshold`` on validation prompts).
+    ``free`` names retain prompts whose decision positions are no negatives (the gate
+    may open there; their other positions stay negatives): a lift gate leaves harmless
+    prompts free: closing it on them teaches the probe the look-alikes' edgy surface,
+    which harmful requests share, rather than "not a harmful request" (measured in
+    docs/results.md, ``bench/gate_free_harmless.py``).
     """
     target_inputs = mlp_inputs(model, tokenizer, target, layer, max_reply_tokens)
     retain_inputs = mlp_inputs(model, tokenizer, retain, layer, max_reply_tokens)
@@ -250,7 +256,8 @@ def fit_gate(model: torch.nn.Module, tokenizer, layer: int, target: list[tuple[s
     positive = torch.cat([x[mask] for (x, _, _), mask in zip(target_inputs, decision)])
     negative = torch.cat([x for x, _, _ in retain_inputs] + plain + [x[mask] for (x, _, _), mask in zip(target_inputs, later)])
     retain_decision = [split_reply(reply, span)[0] for _, reply, _ in retain_inputs]
-    hard = torch.cat([x[mask] for (x, _, _), mask in zip(retain_inputs, retain_decision)])
+    hard = torch.cat([x[mask] for (x, _, _), mask, (prompt, _) in zip(retain_inputs, retain_decision, retain) if prompt not in free]
+                     + [positive[:0]])
     easy = torch.cat([x[~mask] for (x, _, _), mask in zip(retain_inputs, retain_decision)] + [retain_prose]
                      + [x[mask] for (x, _, _), mask in zip(target_inputs, later)])
     gate = Gate(layer, quietest_neurons(model, layer, negative[::4], n_neurons),
@@ -287,11 +294,15 @@ TARGET_SLACK = 0.10
 def choose_threshold(rates: dict[float, dict[str, float]], target: str, slack: float = TARGET_SLACK) -> float:
     """Among the ``τ`` whose ``target`` opening rate is within ``slack`` of the best one,
     the ``τ`` whose highest rate on any other group (each other harm category, harmless,
-    look-alike) is lowest; ties go to the lower ``τ``: the most selective gate that
-    costs the target at most ``slack``."""
+    look-alike) is lowest, a tie going to the lower second-highest rate and so on, then
+    to the lower ``τ``: the most selective gate that costs the target at most ``slack``
+    (a small group stuck at one opened prompt for every ``τ`` does not hide the others)."""
     best = max(row[target] for row in rates.values())
     eligible = [tau for tau in sorted(rates) if rates[tau][target] >= best - slack - 1e-9]
-    return min(eligible, key=lambda tau: (round(max(r for name, r in rates[tau].items() if name != target), 9), tau))
+
+    def others(tau: float) -> list[float]:
+        return sorted((round(r, 9) for name, r in rates[tau].items() if name != target), reverse=True)
+    return min(eligible, key=lambda tau: (others(tau), tau))
 
 
 def gate_rows(model: torch.nn.Module, gate: Gate) -> Delta:
