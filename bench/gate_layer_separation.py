@@ -9,7 +9,12 @@ layer the validation AUC and the fraction of validation negatives above the thre
 keeps 80% of the validation positives. It shows whether the host EAP-IG picks (``run.log``)
 is a layer where the category is linearly visible, and how a random host compares.
 
+``--hold-out SOURCE`` leaves one prompt source (e.g. ``pairs``, the minimal pairs) out of
+the fit and the validation split and scores all of its prompts as well: how the probe
+transfers to prompts written apart from those it was fitted on, as XSTest's are.
+
     .venv/bin/python bench/gate_layer_separation.py smollm2-135m cybercrime
+    .venv/bin/python bench/gate_layer_separation.py qwen2.5-0.5b lookalike --hold-out pairs
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from contextlib import ExitStack
 import torch
 
 from cdelta.data.prompts import LOOKALIKE, PromptSet
+from cdelta.data.registry import load_source
 from cdelta.edit.gate import fit_gate_probe, recording_mlp_input
 from cdelta.models.chat import encode_chat
 from cdelta.models.loading import load_model
@@ -30,9 +36,10 @@ PROBE_L2 = 1e-2
 
 
 @torch.no_grad()
-def decision_inputs(lm, texts: list[str], batch_size: int = 16) -> dict[int, torch.Tensor]:
-    """``{layer: MLP input at each prompt's last token [n_prompts, d_model]}``, one forward pass per batch."""
-    layers = range(lm.model.config.num_hidden_layers)
+def decision_inputs(lm, texts: list[str], batch_size: int = 16, layers: list[int] | None = None) -> dict[int, torch.Tensor]:
+    """``{layer: MLP input at each prompt's last token [n_prompts, d_model]}`` for ``layers``
+    (default every layer), one forward pass per batch."""
+    layers = range(lm.model.config.num_hidden_layers) if layers is None else layers
     with ExitStack() as stack:
         inputs = {layer: stack.enter_context(recording_mlp_input(lm.model, layer)) for layer in layers}
         for start in range(0, len(texts), batch_size):
@@ -40,31 +47,46 @@ def decision_inputs(lm, texts: list[str], batch_size: int = 16) -> dict[int, tor
     return {layer: torch.cat([x[:, -1].float() for x in inputs[layer]]) for layer in layers}  # left-padded: -1 is the last prompt token
 
 
-def split_sets(prompts: PromptSet, target: str, split: str) -> tuple[list[str], list[str]]:
-    """(positive, negative) prompt texts of one split."""
-    part = prompts.filter(split=split)
+def split_sets(prompts: PromptSet, target: str, split: str | None) -> tuple[list[str], list[str]]:
+    """(positive, negative) prompt texts of one split (``None``: every split)."""
+    part = prompts.filter(split=split) if split else prompts
     if target == LOOKALIKE:
         return part.filter(kind=LOOKALIKE).texts(), part.filter(kind="harmful").texts()
     return part.filter(category=target).texts(), part.filter(kind=["harmful", LOOKALIKE], exclude_category=target).texts()
+
+
+def auc(positive: torch.Tensor, negative: torch.Tensor) -> float:
+    """P(a positive scores above a negative) from scores [n_pos], [n_neg]."""
+    return float((positive[:, None] > negative[None, :]).float().mean())
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model")
     parser.add_argument("target")
+    parser.add_argument("--hold-out", metavar="SOURCE", help="prompt source left out of the fit and scored whole (e.g. pairs)")
     args = parser.parse_args()
     torch.manual_seed(0)
     lm = load_model(args.model)
     prompts = run_prompts([args.target])
+    held = None
+    if args.hold_out:
+        prompts = PromptSet(prompts.name, [p for p in prompts if p.source != args.hold_out])
+        held = [decision_inputs(lm, t) for t in split_sets(load_source(args.hold_out), args.target, None)]
     (train_pos, train_neg), (val_pos, val_neg) = (split_sets(prompts, args.target, s) for s in ("train", "val"))
-    print(f"train {len(train_pos)} positive / {len(train_neg)} negative prompts; val {len(val_pos)} / {len(val_neg)}")
+    print(f"train {len(train_pos)} positive / {len(train_neg)} negative prompts; val {len(val_pos)} / {len(val_neg)}"
+          + (f"; held out ({args.hold_out}) {len(held[0][0])} / {len(held[1][0])}" if held else ""))
     x_train_pos, x_train_neg, x_val_pos, x_val_neg = (decision_inputs(lm, t) for t in (train_pos, train_neg, val_pos, val_neg))
     for layer in x_train_pos:
         w = fit_gate_probe(x_train_pos[layer], x_train_neg[layer], l2=PROBE_L2)
         pos, neg = x_val_pos[layer] @ w, x_val_neg[layer] @ w
-        auc = float((pos[:, None] > neg[None, :]).float().mean())
-        opened = float((neg > pos.quantile(0.2)).float().mean())
-        print(f"L{layer:<3d} validation AUC {auc:.3f}; negatives open at 80% of positives: {opened:.3f}")
+        threshold = pos.quantile(0.2)
+        line = f"L{layer:<3d} validation AUC {auc(pos, neg):.3f}; negatives open at 80% of positives: {float((neg > threshold).float().mean()):.3f}"
+        if held:
+            pos, neg = held[0][layer] @ w, held[1][layer] @ w
+            line += (f" | held out: AUC {auc(pos, neg):.3f}, at that threshold positives open {float((pos > threshold).float().mean()):.3f}, "
+                     f"negatives {float((neg > threshold).float().mean()):.3f}")
+        print(line)
 
 
 if __name__ == "__main__":

@@ -111,18 +111,6 @@ def test_a_gate_fitted_on_the_decision_span_shuts_later_in_the_reply(tiny_llama_
     assert opens["spanned"][0] > 0.5 and opens["spanned"][1] < opens["whole"][1] / 2, opens
 
 
-def test_fit_gate_leaves_free_retain_prompts_unconstrained_at_their_decision(tiny_llama_dir):
-    lm = _chatty_tiny(tiny_llama_dir)
-    free = RETAIN[0][0]
-    inputs = mlp_inputs(lm.model, lm.tokenizer, RETAIN[:2], 1)
-    decision = [x[split_reply(reply, 2)[0]] for x, reply, _ in inputs]
-    later = [x[split_reply(reply, 2)[1]] for x, reply, _ in inputs]
-    bound = fit_gate(lm.model, lm.tokenizer, 1, TARGET, RETAIN, n_neurons=1, span=2)
-    freed = fit_gate(lm.model, lm.tokenizer, 1, TARGET, RETAIN, n_neurons=1, span=2, free={free})
-    assert freed.margin(decision[0]).mean() > bound.margin(decision[0]).mean()  # the free prompt's decision: no longer pushed shut
-    assert not freed.fires(decision[1]).any() and not freed.fires(later[0]).any()  # the others' and its own later positions: shut
-
-
 def test_choose_threshold_is_the_most_selective_within_the_target_slack():
     rates = {0.5: {"target": 0.95, "privacy": 0.30, "harmless": 0.05},
              1.0: {"target": 0.90, "privacy": 0.15, "harmless": 0.05},

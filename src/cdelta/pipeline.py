@@ -157,9 +157,8 @@ class BuiltEdit:
     ``circuit`` is the selection spec used (``cfg.circuit``, or the search's pick).
     ``masks`` are the circuit's boolean parameter masks (name → tensor of the
     parameter's shape); for the gated variant, the entries ΔθC changes, ``host`` is
-    the layer of its MLP, ``gate_val`` the validation prompts an automatic gate
-    threshold is chosen on and ``gate_free`` the retain prompts the gate may open on
-    (``fit_gate``'s ``free``: a lift's harmless prompts).
+    the layer of its MLP and ``gate_val`` the validation prompts an automatic gate
+    threshold is chosen on.
     """
 
     delta: Delta
@@ -177,7 +176,6 @@ class BuiltEdit:
     timings: dict[str, float] = field(default_factory=dict)
     host: int | None = None
     gate_val: PromptSet | None = None
-    gate_free: frozenset[str] = frozenset()
 
     @property
     def params_touched(self) -> int:
@@ -224,17 +222,16 @@ def random_host_layer(circuits: list, seed: int) -> int:
 
 
 def _train_delta(lm: LoadedModel, masks, data: EditData, cfg: RunConfig, contrast_data: EditData | None, label: str,
-                 host: int | None = None, gate_val: PromptSet | None = None, gate_free: frozenset[str] = frozenset(),
-                 log: Log = print) -> Delta:
+                 host: int | None = None, gate_val: PromptSet | None = None, log: Log = print) -> Delta:
     """Direct: one masked fine-tune. Contrastive: θ_pos − θ_neg from two masked fine-tunes.
     Gated: the compiled gate in MLP ``host`` and its trained down columns (without a host,
     e.g. the all-parameter control, gated trains directly); ``gate_threshold = "auto"``
-    chooses its threshold on ``gate_val``; the gate may open on the retain prompts ``gate_free``."""
+    chooses its threshold on ``gate_val``."""
     train = cfg.train_config()
     if cfg.variant == "gated" and host is not None:
         threshold = cfg.gate_threshold if cfg.gate_threshold != "auto" else _threshold_chooser(lm, cfg, gate_val, label, log)
         gate = fit_gate(lm.model, lm.tokenizer, host, data.target + contrast_data.target, data.retain, cfg.gate_neurons,
-                        threshold, span=cfg.gate_span, free=gate_free)
+                        threshold, span=cfg.gate_span)
         return gated_finetune(lm.model, lm.tokenizer, gate, data, train, description=f"{label}: gated L{host}")
     positive = masked_finetune(lm.model, lm.tokenizer, masks, data, train, description=f"{label}: θ_pos")
     if cfg.variant != "contrastive":
@@ -365,8 +362,6 @@ def build_edit(cfg: RunConfig, run_dir: Path, lm: LoadedModel, log: Log = print,
     clock = time.perf_counter()
     judge = get_judge(cfg.judge)
     retain_set = retain_prompts(prompts, cfg.category, cfg.retain_counts(), cfg.seed)
-    # a lift gate may open on harmless prompts (it only makes the model more helpful there)
-    gate_free = frozenset(retain_set.filter(kind=HARMLESS).texts()) if cfg.direction == "lift" else frozenset()
     retain = _cached_pairs(run_dir, "retain", {**base_key, "prompts": prompts_digest(retain_set)},
                            lambda: own_reply_pairs(lm.model, lm.tokenizer, retain_set, 16), log)
     target = prompts.filter(split="train", category=cfg.category)
@@ -405,7 +400,7 @@ def build_edit(cfg: RunConfig, run_dir: Path, lm: LoadedModel, log: Log = print,
     def train(size: str) -> Delta:
         selected = selected_for(size)
         if cfg.variant == "gated":  # the host MLP, not the circuit's parameters, is edited
-            return _train_delta(lm, {}, data, cfg, contrast_data, f"circuit {size}", gate_host_layer(selected), gate_val, gate_free, log)
+            return _train_delta(lm, {}, data, cfg, contrast_data, f"circuit {size}", gate_host_layer(selected), gate_val, log)
         return _train_delta(lm, _circuit_masks(selected, lm.model), data, cfg, contrast_data, f"circuit {size}")
 
     def train_for(size: str) -> Delta:
@@ -451,7 +446,7 @@ def build_edit(cfg: RunConfig, run_dir: Path, lm: LoadedModel, log: Log = print,
         host, masks = None, _circuit_masks(selected, lm.model)
     timings["edit_and_select"] = time.perf_counter() - clock
     return BuiltEdit(compose(raw, None, k_info["k"]), raw, k_info["k"], k_info, masks, selected, contrasts,
-                     data, contrast_data, {**edit_key, "circuit": size}, size, search, timings, host, gate_val, gate_free)
+                     data, contrast_data, {**edit_key, "circuit": size}, size, search, timings, host, gate_val)
 
 
 def build_control(cfg: RunConfig, run_dir: Path, lm: LoadedModel, built: BuiltEdit, kind: str, log: Log = print) -> tuple[Delta, dict]:
@@ -478,7 +473,7 @@ def build_control(cfg: RunConfig, run_dir: Path, lm: LoadedModel, built: BuiltEd
     delta = run_stage(
         sub, f"control-{kind}", key, ["delta.safetensors"],
         lambda: _save_delta(sub / "delta.safetensors", compose(_train_delta(lm, masks, built.data, cfg, built.contrast_data, kind, host,
-                                                                            built.gate_val, built.gate_free, log), None, built.k), key),
+                                                                            built.gate_val, log), None, built.k), key),
         lambda: load_sparse(sub / "delta.safetensors")[0], log,
     )
     if host is not None:

@@ -32,7 +32,7 @@ change is bounded by where the gate fires. ΔθC touches ``3·n·d_model`` weigh
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
@@ -60,8 +60,7 @@ GATE_RECIPE = 4
 """Version of how the gate is fitted, part of the gated edit's stage key so a run directory
 made by an older recipe is refitted (2: plain-text negatives; 3: negatives in three
 equally weighted groups, the retain replies' decision positions and the target's plain
-text two of them; 4: retain prompts may be left free at their decision positions, as lift
-edits leave harmless prompts)."""
+text two of them; 4: ``choose_threshold`` breaks ties on the worst group by the next worst)."""
 
 
 @dataclass
@@ -223,7 +222,7 @@ def split_reply(reply: torch.Tensor, span: int | None) -> tuple[torch.Tensor, to
 
 def fit_gate(model: torch.nn.Module, tokenizer, layer: int, target: list[tuple[str, str]], retain: list[tuple[str, str]],
              n_neurons: int = 1, threshold: float | Callable[[Gate], float] = THRESHOLD, max_reply_tokens: int = 24,
-             span: int | None = None, free: Collection[str] = ()) -> Gate:
+             span: int | None = None) -> Gate:
     """Fit the gate of ``layer`` from target (prompt, reply) and retain (prompt, base reply) pairs.
 
     Positives: the reply positions of ``target`` (learned refusals and the base's own
@@ -242,11 +241,6 @@ def fit_gate(model: torch.nn.Module, tokenizer, layer: int, target: list[tuple[s
     activation scale makes the gate's median activation on the target positions where it
     opens equal the residual stream's mean norm. ``threshold`` is ``τ``, or a function
     of the fitted gate that returns it (e.g. ``choose_threshold`` on validation prompts).
-    ``free`` names retain prompts whose decision positions are no negatives (the gate
-    may open there; their other positions stay negatives): a lift gate leaves harmless
-    prompts free: closing it on them teaches the probe the look-alikes' edgy surface,
-    which harmful requests share, rather than "not a harmful request" (measured in
-    docs/results.md, ``bench/gate_free_harmless.py``).
     """
     target_inputs = mlp_inputs(model, tokenizer, target, layer, max_reply_tokens)
     retain_inputs = mlp_inputs(model, tokenizer, retain, layer, max_reply_tokens)
@@ -256,8 +250,7 @@ def fit_gate(model: torch.nn.Module, tokenizer, layer: int, target: list[tuple[s
     positive = torch.cat([x[mask] for (x, _, _), mask in zip(target_inputs, decision)])
     negative = torch.cat([x for x, _, _ in retain_inputs] + plain + [x[mask] for (x, _, _), mask in zip(target_inputs, later)])
     retain_decision = [split_reply(reply, span)[0] for _, reply, _ in retain_inputs]
-    hard = torch.cat([x[mask] for (x, _, _), mask, (prompt, _) in zip(retain_inputs, retain_decision, retain) if prompt not in free]
-                     + [positive[:0]])
+    hard = torch.cat([x[mask] for (x, _, _), mask in zip(retain_inputs, retain_decision)])
     easy = torch.cat([x[~mask] for (x, _, _), mask in zip(retain_inputs, retain_decision)] + [retain_prose]
                      + [x[mask] for (x, _, _), mask in zip(target_inputs, later)])
     gate = Gate(layer, quietest_neurons(model, layer, negative[::4], n_neurons),
