@@ -1,5 +1,7 @@
 """The gated variant: compiled gate neurons on a tiny model, and in the pipeline."""
 
+import json
+
 import pytest
 import torch
 
@@ -203,6 +205,8 @@ def test_gated_variant_in_the_pipeline_edits_one_mlp_neuron_and_its_random_contr
     assert len(chosen) == 1 and sum("gate τ=" in line for line in logged) == 5 and "target" in chosen[0]
     assert 0 < auto.params_touched <= 3 * d
     assert "harmless" in chosen[0], "refuse: a gate opening on harmless prompts costs"
+    (fitted,) = [json.loads(line.split(": gate ", 1)[1]) for line in logged if ": gate {" in line]
+    assert f"gate τ={fitted['threshold']:g} " in chosen[0] and fitted["scale"] > 0, "the log records the fitted gate"
     assert auto.gate_val.texts() == load_builtin().filter(split="val").texts(), "τ is chosen on the whole validation split"
     lifted: list[str] = []
     build_edit(RunConfig(**{**cfg.model_dump(), "gate_threshold": "auto", "direction": "lift"}), tmp_path / "lift-auto", lm,

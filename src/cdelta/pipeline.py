@@ -232,6 +232,7 @@ def _train_delta(lm: LoadedModel, masks, data: EditData, cfg: RunConfig, contras
         threshold = cfg.gate_threshold if cfg.gate_threshold != "auto" else _threshold_chooser(lm, cfg, gate_val, label, log)
         gate = fit_gate(lm.model, lm.tokenizer, host, data.target + contrast_data.target, data.retain, cfg.gate_neurons,
                         threshold, span=cfg.gate_span)
+        log(f"{label}: gate {json.dumps(gate.to_json())}")
         return gated_finetune(lm.model, lm.tokenizer, gate, data, train, description=f"{label}: gated L{host}")
     positive = masked_finetune(lm.model, lm.tokenizer, masks, data, train, description=f"{label}: θ_pos")
     if cfg.variant != "contrastive":
