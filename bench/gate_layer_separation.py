@@ -12,9 +12,12 @@ is a layer where the category is linearly visible, and how a random host compare
 ``--hold-out SOURCE`` leaves one prompt source (e.g. ``pairs``, the minimal pairs) out of
 the fit and the validation split and scores all of its prompts as well: how the probe
 transfers to prompts written apart from those it was fitted on, as XSTest's are.
+``--and-layers L1 L2 ...`` also scores an AND of those layers' probes (each score
+standardized on the validation positives, the AND their minimum): whether several linear
+reads together separate better than one.
 
     .venv/bin/python bench/gate_layer_separation.py smollm2-135m cybercrime
-    .venv/bin/python bench/gate_layer_separation.py qwen2.5-0.5b lookalike --hold-out pairs
+    .venv/bin/python bench/gate_layer_separation.py qwen2.5-0.5b lookalike --hold-out pairs --and-layers 18 23
 """
 
 from __future__ import annotations
@@ -60,11 +63,25 @@ def auc(positive: torch.Tensor, negative: torch.Tensor) -> float:
     return float((positive[:, None] > negative[None, :]).float().mean())
 
 
+def report(label: str, val: tuple[torch.Tensor, torch.Tensor], held: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+    """Print validation AUC and the negatives open at the threshold keeping 80% of validation
+    positives, and the same threshold on held-out scores; ``val``/``held``: (positive, negative) scores."""
+    pos, neg = val
+    threshold = pos.quantile(0.2)
+    line = f"{label:<6s} validation AUC {auc(pos, neg):.3f}; negatives open at 80% of positives: {float((neg > threshold).float().mean()):.3f}"
+    if held:
+        pos, neg = held
+        line += (f" | held out: AUC {auc(pos, neg):.3f}, at that threshold positives open {float((pos > threshold).float().mean()):.3f}, "
+                 f"negatives {float((neg > threshold).float().mean()):.3f}")
+    print(line)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model")
     parser.add_argument("target")
     parser.add_argument("--hold-out", metavar="SOURCE", help="prompt source left out of the fit and scored whole (e.g. pairs)")
+    parser.add_argument("--and-layers", type=int, nargs="+", default=[], metavar="L", help="also score the AND of these layers' probes")
     args = parser.parse_args()
     torch.manual_seed(0)
     lm = load_model(args.model)
@@ -77,16 +94,17 @@ def main() -> None:
     print(f"train {len(train_pos)} positive / {len(train_neg)} negative prompts; val {len(val_pos)} / {len(val_neg)}"
           + (f"; held out ({args.hold_out}) {len(held[0][0])} / {len(held[1][0])}" if held else ""))
     x_train_pos, x_train_neg, x_val_pos, x_val_neg = (decision_inputs(lm, t) for t in (train_pos, train_neg, val_pos, val_neg))
+    scores = {}  # layer -> standardized (val positive, val negative, held positive, held negative) scores
     for layer in x_train_pos:
         w = fit_gate_probe(x_train_pos[layer], x_train_neg[layer], l2=PROBE_L2)
-        pos, neg = x_val_pos[layer] @ w, x_val_neg[layer] @ w
-        threshold = pos.quantile(0.2)
-        line = f"L{layer:<3d} validation AUC {auc(pos, neg):.3f}; negatives open at 80% of positives: {float((neg > threshold).float().mean()):.3f}"
-        if held:
-            pos, neg = held[0][layer] @ w, held[1][layer] @ w
-            line += (f" | held out: AUC {auc(pos, neg):.3f}, at that threshold positives open {float((pos > threshold).float().mean()):.3f}, "
-                     f"negatives {float((neg > threshold).float().mean()):.3f}")
-        print(line)
+        val = (x_val_pos[layer] @ w, x_val_neg[layer] @ w)
+        held_scores = (held[0][layer] @ w, held[1][layer] @ w) if held else None
+        report(f"L{layer}", val, held_scores)
+        mean, std = val[0].mean(), val[0].std()
+        scores[layer] = [(s - mean) / std for s in val + (held_scores or ())]
+    if args.and_layers:
+        combined = [torch.stack(parts).min(0).values for parts in zip(*(scores[layer] for layer in args.and_layers))]
+        report("AND " + "+".join(f"L{layer}" for layer in args.and_layers), tuple(combined[:2]), tuple(combined[2:]) or None)
 
 
 if __name__ == "__main__":
