@@ -26,13 +26,7 @@ from cdelta.judge import get_judge
 from cdelta.models.architecture import mlp
 from cdelta.models.chat import encode_chat
 from cdelta.models.loading import load_model
-
-
-def gate_neurons(delta_path: Path) -> tuple[int, list[int]]:
-    """(layer, neurons) of a gated delta: the rows its gate projection changes."""
-    delta, _ = load_sparse(delta_path)
-    (name, change), = ((n, v) for n, v in delta.items() if n.endswith("gate_proj.weight"))
-    return int(name.split(".layers.")[1].split(".")[0]), torch.nonzero(change.abs().sum(1)).flatten().tolist()
+from gate_openings import host_of
 
 
 @torch.no_grad()
@@ -56,7 +50,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     lm = load_model(str(args.run / "checkpoint"))
-    layer, neurons = gate_neurons(args.run / "delta.safetensors")
+    layer, neurons = host_of(load_sparse(args.run / "delta.safetensors")[0])
     prompts = load_source(args.prompts)
     m = unit_direction_from_up(lm.model, lm.tokenizer, layer, neurons, prompts.texts()[:64])
     gate = mlp(lm.model, layer).gate_proj.weight
