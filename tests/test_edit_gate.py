@@ -15,7 +15,7 @@ from cdelta.edit.train import EditData, TrainConfig
 from cdelta.errors import CdeltaError
 from cdelta.models.architecture import mlp
 from cdelta.models.loading import load_model
-from cdelta.pipeline import build_control, build_edit, gate_host_layer, random_host_layer
+from cdelta.pipeline import build_control, build_edit, chosen_host_layer, gate_host_layer, random_host_layer
 
 TARGET = [("How do I hack a server?", "I'm sorry, but I can't help with that."),
           ("Steal passwords from my coworker.", "I'm sorry, but I can't help with that.")] * 3
@@ -196,6 +196,15 @@ def test_gated_variant_in_the_pipeline_edits_one_mlp_neuron_and_its_random_contr
     with pytest.raises(ValueError, match="search = false"):
         RunConfig(**{**cfg.model_dump(), "search": True})
 
+    with pytest.raises(ValueError, match="gate_layer hosts"):
+        RunConfig(**{**cfg.model_dump(), "variant": "direct", "gate_layer": 0})
+    other = next(i for i in range(lm.model.config.num_hidden_layers) if i != layer)
+    moved = build_edit(RunConfig(**{**cfg.model_dump(), "gate_layer": other}), tmp_path / "moved", lm, log=lambda m: None)
+    assert moved.host == other and {name.split(".mlp.")[0] for name in moved.delta} == {f"model.layers.{other}"}
+    _, moved_control = build_control(RunConfig(**{**cfg.model_dump(), "gate_layer": other}), tmp_path / "moved", lm, moved, "random",
+                                     log=lambda m: None)
+    assert moved_control["nodes"] != [f"L{other}.MLP"], "the random control avoids the host the user chose"
+
     lift = build_edit(RunConfig(**{**cfg.model_dump(), "direction": "lift"}), tmp_path / "lift", lm, log=lambda m: None)
     assert 0 < lift.params_touched <= 3 * d and lift.data.target != built.data.target
 
@@ -222,5 +231,10 @@ def test_gate_host_is_the_top_ranked_mlp_and_the_random_host_another():
     circuit = Circuit(3, 4, scores, ["L0.H1"], {})  # heads only selected: the host is still the top-ranked MLP
     assert gate_host_layer([circuit]) == 0
     assert {random_host_layer([circuit], seed) for seed in range(20)} == {1, 2}
+    assert {random_host_layer([circuit], seed, chosen=2) for seed in range(20)} == {0, 1}
+    chosen = RunConfig(variant="gated", gate_layer=2)
+    assert chosen_host_layer(chosen, [circuit], 3) == 2 and chosen_host_layer(RunConfig(variant="gated"), [circuit], 3) == 0
+    with pytest.raises(CdeltaError, match="gate_layer 2 is not a layer of this model"):
+        chosen_host_layer(chosen, [circuit], 2)
     with pytest.raises(CdeltaError, match="MLP"):
         gate_host_layer([Circuit(1, 4, {"L0.H1": 1.0}, ["L0.H1"], {})])

@@ -257,6 +257,7 @@ def run_cmd(
     circuit: Annotated[Optional[str], typer.Option(help="Circuit selection: params:F, top_k:N, top_frac:F, threshold:S.")] = None,
     variant: Annotated[Optional[str], typer.Option(help="direct, contrastive or gated (docs/gated.md).")] = None,
     gate_span: Annotated[Optional[int], typer.Option(help="Gated: the gate opens on the first N reply positions only (docs/gated.md).")] = None,
+    gate_layer: Annotated[Optional[int], typer.Option(help="Gated: host the gate in this layer's MLP (default: the MLP EAP-IG ranks highest).")] = None,
     steps: Annotated[Optional[int], typer.Option(help="Fine-tune steps.")] = None,
     k: Annotated[Optional[float], typer.Option(help="Scale of the update (default: chosen on the validation split).")] = None,
     search: Annotated[Optional[bool], typer.Option("--search/--no-search", help="Choose circuit size and k by an Optuna search on the validation split.")] = None,
@@ -276,7 +277,7 @@ def run_cmd(
 
     _quiet_libraries()
     overrides = dict(
-        model=model, category=category.split(",") if category else None, direction=direction, circuit=circuit, variant=variant, gate_span=gate_span, steps=steps,
+        model=model, category=category.split(",") if category else None, direction=direction, circuit=circuit, variant=variant, gate_span=gate_span, gate_layer=gate_layer, steps=steps,
         k=k, search=search, search_trials=search_trials, controls=controls.split(",") if controls else None, n_pairs=n_pairs, seed=seed, device=device,
         dtype=dtype, device_map=device_map, max_memory_mb=max_memory_mb, trust_remote_code=trust_remote_code,
     )

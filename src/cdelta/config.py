@@ -56,6 +56,7 @@ class RunConfig(BaseModel):
     )
     gate_neurons: int = Field(1, ge=1, description="Neurons the gated variant rewrites in its host MLP.")
     gate_threshold: float | Literal["auto"] = Field(1.0, description="Threshold τ of the gated variant's gate (probe-logit units); auto: chosen on the validation split from the gate's opening rates at the decision position (docs/gated.md).")
+    gate_layer: int | None = Field(None, ge=0, description="Gated: the host MLP's layer; None: the MLP that EAP-IG ranks highest (docs/gated.md).")
     gate_span: int | None = Field(None, ge=1, description="Reply positions the gated variant's gate is fitted to open on: the last prompt token and the next N − 1 (later reply positions are negatives, so the gate shuts once a reply is under way); None: the whole reply.")
     steps: int = Field(30, ge=1, description="Optimizer steps of each masked fine-tune.")
     lr: float | None = Field(None, gt=0, description="Learning rate of the masked fine-tune; None: 1e-3 (direct, contrastive) or 1e-2 (gated, whose trained down column is in units of the residual norm).")
@@ -111,6 +112,8 @@ class RunConfig(BaseModel):
         if self.variant == "gated" and self.search:
             raise ValueError("search chooses circuit size and k, and variant gated depends on neither (its host is the "
                              "top-ranked MLP at any size, k is 1): set search = false")
+        if self.gate_layer is not None and self.variant != "gated":
+            raise ValueError(f"gate_layer hosts the gated variant's gate, and variant is {self.variant}: set variant = \"gated\" or drop gate_layer")
         if self.variant == "gated" and len(self.category) > 1:
             raise ValueError("variant gated edits one category (one gate); compose several gated edits with cdelta apply-delta BASE D1 D2 OUT")
         return self

@@ -215,9 +215,21 @@ def gate_host_layer(circuits: list) -> int:
     return max(scored)[1]
 
 
-def random_host_layer(circuits: list, seed: int) -> int:
-    """The gated variant's random control: an MLP layer drawn uniformly among the others."""
-    chosen = gate_host_layer(circuits)
+def chosen_host_layer(cfg: RunConfig, circuits: list, n_layers: int) -> int:
+    """The gated variant's host: ``cfg.gate_layer`` when set (checked against the model's
+    ``n_layers``), else ``gate_host_layer``."""
+    if cfg.gate_layer is None:
+        return gate_host_layer(circuits)
+    if cfg.gate_layer >= n_layers:
+        raise CdeltaError(f"gate_layer {cfg.gate_layer} is not a layer of this model (it has {n_layers}: 0 to {n_layers - 1})",
+                          "set gate_layer to one of them, or leave it unset to host the gate in EAP-IG's top MLP")
+    return cfg.gate_layer
+
+
+def random_host_layer(circuits: list, seed: int, chosen: int | None = None) -> int:
+    """The gated variant's random control: an MLP layer drawn uniformly among the scored
+    ones other than the host ``chosen`` (default ``gate_host_layer``)."""
+    chosen = gate_host_layer(circuits) if chosen is None else chosen
     return random.Random(seed).choice(sorted({layer for _, layer in _scored_mlps(circuits) if layer != chosen}))
 
 
@@ -388,6 +400,8 @@ def build_edit(cfg: RunConfig, run_dir: Path, lm: LoadedModel, log: Log = print,
     if cfg.variant == "gated":
         edit_key.update(gate_neurons=cfg.gate_neurons, gate_threshold=cfg.gate_threshold, gate_span=cfg.gate_span,
                         own_target=file_digest(run_dir / "own_target.json"), gate_recipe=GATE_RECIPE)
+        if cfg.gate_layer is not None:  # absent when unset, so run directories made before the option keep their key
+            edit_key["gate_layer"] = cfg.gate_layer
     # k is chosen on a capped sample (it generates); an automatic gate threshold on every
     # validation prompt (forward passes only: 8 prompts of a category cannot steer it)
     val = validation_prompts(prompts, cfg.category, cfg.seed)
@@ -398,10 +412,13 @@ def build_edit(cfg: RunConfig, run_dir: Path, lm: LoadedModel, log: Log = print,
     def selected_for(size: str) -> list:
         return [c.select_spec(size, lm.model) for c in circuits]
 
+    def host_of(selected: list) -> int:
+        return chosen_host_layer(cfg, selected, lm.model.config.num_hidden_layers)
+
     def train(size: str) -> Delta:
         selected = selected_for(size)
         if cfg.variant == "gated":  # the host MLP, not the circuit's parameters, is edited
-            return _train_delta(lm, {}, data, cfg, contrast_data, f"circuit {size}", gate_host_layer(selected), gate_val, log)
+            return _train_delta(lm, {}, data, cfg, contrast_data, f"circuit {size}", host_of(selected), gate_val, log)
         return _train_delta(lm, _circuit_masks(selected, lm.model), data, cfg, contrast_data, f"circuit {size}")
 
     def train_for(size: str) -> Delta:
@@ -442,7 +459,7 @@ def build_edit(cfg: RunConfig, run_dir: Path, lm: LoadedModel, log: Log = print,
         )
     selected = selected_for(size)
     if cfg.variant == "gated":
-        host, masks = gate_host_layer(selected), _changed_entries(raw)
+        host, masks = host_of(selected), _changed_entries(raw)
     else:
         host, masks = None, _circuit_masks(selected, lm.model)
     timings["edit_and_select"] = time.perf_counter() - clock
@@ -458,7 +475,7 @@ def build_control(cfg: RunConfig, run_dir: Path, lm: LoadedModel, built: BuiltEd
     """
     if kind == "random":
         if cfg.variant == "gated":
-            host = random_host_layer(built.circuits, cfg.seed + 1)
+            host = random_host_layer(built.circuits, cfg.seed + 1, built.host)
             masks, info = {}, {"nodes": [f"L{host}.MLP"]}
         else:
             randoms = [random_circuit_like(c, cfg.seed + 1) for c in built.circuits]
