@@ -75,6 +75,13 @@ def test_lookalike_prompts_retain_and_validation_sets():
     assert len(pairs) and {p.id for p in pairs} <= {p.id for p in prompts}, "the over-refusal minimal pairs join too"
     assert not prompts.filter(category=TWIN, split="test") and not [p for p in prompts if p.source == "pairs" and p.split == "test"]
     assert len(run_prompts(["cybercrime"])) == len(load_builtin())
+    near = run_prompts(["privacy"], pairs=True)
+    added = {p.id for p in near} - {p.id for p in load_builtin()}
+    assert added == {p.id for p in twins} | {p.id for p in pairs}, "their train and val splits only"
+    assert TWIN not in near.categories(), "with pairs, each harmful twin counts as its own harm category"
+    privacy_twins = [p for p in near if p.source_category == "privacy" and p.kind == "harmful"]
+    assert privacy_twins and all(p.category == "privacy" for p in privacy_twins)
+    assert {p.id for p in near.filter(kind=LOOKALIKE)} >= {p.id for p in pairs.filter(kind=LOOKALIKE)}, "their look-alikes stay look-alikes"
 
     retain = retain_prompts(prompts, ["lookalike"], {HARMLESS: 5, LOOKALIKE: 5, "other": 2})
     assert LOOKALIKE not in retain.categories(), "look-alikes are the target, not retained"

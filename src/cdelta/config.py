@@ -50,6 +50,7 @@ class RunConfig(BaseModel):
         "auto", description="Corrupted prompts: other harmful categories, harmless, or auto (harmful when the base's refusal separates them, else harmless)."
     )
     circuit: str = Field("params:0.02", description="Circuit selection: top_k:N, top_frac:F, threshold:S or params:F.")
+    pairs: bool = Field(False, description="Also train and select on the project's look-alike twins and over-refusal minimal pairs, harmful sides as their harm category (always on for target lookalike).")
     # edit
     variant: Literal["direct", "contrastive", "gated"] = Field(
         "direct", description="direct: one masked fine-tune; contrastive: k·M⊙(θ_pos − θ_neg); gated: neurons of the circuit's top MLP rewritten as a category gate (docs/gated.md)."

