@@ -27,7 +27,7 @@ from contextlib import ExitStack
 
 import torch
 
-from cdelta.data.prompts import LOOKALIKE, PromptSet
+from cdelta.data.prompts import LOOKALIKE, Prompt, PromptSet
 from cdelta.data.registry import load_source
 from cdelta.edit.gate import fit_gate_probe, recording_mlp_input
 from cdelta.models.chat import encode_chat
@@ -50,12 +50,24 @@ def decision_inputs(lm, texts: list[str], batch_size: int = 16, layers: list[int
     return {layer: torch.cat([x[:, -1].float() for x in inputs[layer]]) for layer in layers}  # left-padded: -1 is the last prompt token
 
 
+def is_positive(prompt: Prompt, target: str) -> bool:
+    """Whether the probe for ``target`` should fire on ``prompt``: a look-alike (target
+    ``lookalike``) or a prompt of the target category."""
+    return prompt.kind == LOOKALIKE if target == LOOKALIKE else prompt.category == target
+
+
+def is_negative(prompt: Prompt, target: str) -> bool:
+    """Whether the probe for ``target`` should stay shut on ``prompt``: any harmful prompt
+    (target ``lookalike``), else a harmful prompt or look-alike of another category."""
+    if target == LOOKALIKE:
+        return prompt.kind == "harmful"
+    return prompt.kind in ("harmful", LOOKALIKE) and prompt.category != target
+
+
 def split_sets(prompts: PromptSet, target: str, split: str | None) -> tuple[list[str], list[str]]:
     """(positive, negative) prompt texts of one split (``None``: every split)."""
-    part = prompts.filter(split=split) if split else prompts
-    if target == LOOKALIKE:
-        return part.filter(kind=LOOKALIKE).texts(), part.filter(kind="harmful").texts()
-    return part.filter(category=target).texts(), part.filter(kind=["harmful", LOOKALIKE], exclude_category=target).texts()
+    part = [p for p in prompts if split is None or p.split == split]
+    return [p.text for p in part if is_positive(p, target)], [p.text for p in part if is_negative(p, target)]
 
 
 def auc(positive: torch.Tensor, negative: torch.Tensor) -> float:

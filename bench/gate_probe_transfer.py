@@ -1,10 +1,10 @@
 """What limits how far a decision-position probe carries over to prompts written apart.
 
 Leaves one prompt source out of a run's prompts (``pipeline.run_prompts``; default the
-over-refusal minimal pairs, all of whose splits are then scored), and at each of ``--layers`` fits probes on the train split of
-the rest (target against negatives as in ``gate_layer_separation.py``) and prints the AUC on
-the validation split and on every prompt of the held-out source, for three changes to the
-gated variant's read:
+over-refusal minimal pairs, all of whose splits are then scored), and at each of
+``--layers`` fits probes on the train split of the rest (target against negatives as in
+``gate_layer_separation.py``) and prints the AUC on the validation split and on every
+prompt of the held-out source, for three changes to the gated variant's read:
 
 * **probe**: the gate's logistic probe (``fit_gate_probe``) at several L2 penalties, a
   shrinkage linear discriminant, and a one-hidden-layer ReLU probe (what several gate
@@ -27,13 +27,13 @@ from itertools import combinations
 import torch
 import torch.nn.functional as F
 
-from cdelta.data.prompts import LOOKALIKE, Prompt
+from cdelta.data.prompts import TWIN, Prompt
 from cdelta.data.registry import load_source
 from cdelta.edit.gate import fit_gate_probe, recording_mlp_input
 from cdelta.models.chat import encode_chat, format_chat
 from cdelta.models.loading import load_model
 from cdelta.pipeline import run_prompts
-from gate_layer_separation import auc
+from gate_layer_separation import auc, is_negative, is_positive
 
 TAIL = 6
 """Last prompt positions read (through the chat template; the last one is the decision position)."""
@@ -92,7 +92,7 @@ def mlp_probe_scores(train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.
     net = torch.nn.Sequential(torch.nn.Linear(x.shape[1], HIDDEN), torch.nn.ReLU(), torch.nn.Linear(HIDDEN, 1))
     optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=1e-2)
     score = lambda z: net(z / std).squeeze(-1)  # noqa: E731
-    best, best_held = -1.0, held[:, 0]
+    best, best_held = -1.0, torch.empty(0)
     with torch.enable_grad():
         for epoch in range(epochs):
             optimizer.zero_grad()
@@ -108,17 +108,7 @@ def mlp_probe_scores(train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.
 
 def group_of(prompt: Prompt) -> str:
     """The prompt's source, the project's look-alike twins apart from its other prompts."""
-    return "twins" if prompt.category == "twin" else prompt.source
-
-
-def is_positive(prompt: Prompt, target: str) -> bool:
-    return prompt.kind == LOOKALIKE if target == LOOKALIKE else prompt.category == target
-
-
-def is_negative(prompt: Prompt, target: str) -> bool:
-    if target == LOOKALIKE:
-        return prompt.kind == "harmful"
-    return prompt.kind in ("harmful", LOOKALIKE) and prompt.category != target
+    return "twins" if prompt.category == TWIN else prompt.source
 
 
 def main() -> None:
@@ -135,9 +125,8 @@ def main() -> None:
     x = read_positions(lm, [p.text for p in prompts], args.layers)
 
     def rows(keep) -> tuple[torch.Tensor, torch.Tensor]:
-        chosen = [p for p in prompts if keep(p)]
-        index = {id(p): i for i, p in enumerate(prompts)}
-        pick = lambda test: torch.tensor([index[id(p)] for p in chosen if test(p, args.target)], dtype=torch.long)  # noqa: E731
+        """Indices into ``prompts`` of the positives and negatives ``keep`` selects."""
+        pick = lambda test: torch.tensor([i for i, p in enumerate(prompts) if keep(p) and test(p, args.target)], dtype=torch.long)  # noqa: E731
         return pick(is_positive), pick(is_negative)
 
     kept = lambda p: p.source != args.hold_out  # noqa: E731  (every split of the held-out source is scored)
