@@ -230,8 +230,8 @@ def test_gate_host_is_the_top_ranked_mlp_and_the_random_host_another():
     scores = {"L0.H1": 1.0, "L1.MLP": 0.5, "L0.MLP": -2.0, "L2.MLP": 0.1}
     circuit = Circuit(3, 4, scores, ["L0.H1"], {})  # heads only selected: the host is still the top-ranked MLP
     assert gate_host_layer([circuit]) == 0
-    assert {random_host_layer([circuit], seed) for seed in range(20)} == {1, 2}
-    assert {random_host_layer([circuit], seed, chosen=2) for seed in range(20)} == {0, 1}
+    assert {random_host_layer([circuit], gate_host_layer([circuit]), seed) for seed in range(20)} == {1, 2}
+    assert {random_host_layer([circuit], 2, seed) for seed in range(20)} == {0, 1}
     chosen = RunConfig(variant="gated", gate_layer=2)
     assert chosen_host_layer(chosen, [circuit], 3) == 2 and chosen_host_layer(RunConfig(variant="gated"), [circuit], 3) == 0
     with pytest.raises(CdeltaError, match="gate_layer 2 is not a layer of this model"):

@@ -232,10 +232,9 @@ def chosen_host_layer(cfg: RunConfig, circuits: list, n_layers: int) -> int:
     return cfg.gate_layer
 
 
-def random_host_layer(circuits: list, seed: int, chosen: int | None = None) -> int:
+def random_host_layer(circuits: list, chosen: int, seed: int) -> int:
     """The gated variant's random control: an MLP layer drawn uniformly among the scored
-    ones other than the host ``chosen`` (default ``gate_host_layer``)."""
-    chosen = gate_host_layer(circuits) if chosen is None else chosen
+    ones other than the host ``chosen``."""
     return random.Random(seed).choice(sorted({layer for _, layer in _scored_mlps(circuits) if layer != chosen}))
 
 
@@ -481,7 +480,7 @@ def build_control(cfg: RunConfig, run_dir: Path, lm: LoadedModel, built: BuiltEd
     """
     if kind == "random":
         if cfg.variant == "gated":
-            host = random_host_layer(built.circuits, cfg.seed + 1, built.host)
+            host = random_host_layer(built.circuits, built.host, cfg.seed + 1)
             masks, info = {}, {"nodes": [f"L{host}.MLP"]}
         else:
             randoms = [random_circuit_like(c, cfg.seed + 1) for c in built.circuits]
