@@ -1,6 +1,8 @@
 """Agreement of a judge with human refusal labels (XSTest labelled-completions CSVs).
 
-Run ``python -m cdelta.judge.agreement [CSV ...]`` to print the table in docs/judge.md.
+Run ``python -m cdelta.judge.agreement [CSV ...]`` to print the tables in docs/judge.md:
+every opening judge and the whole-reply judge over it (``reply:classifier``,
+``reply:marker``, see ``cdelta.judge.reply``), then the whole-reply kinds per file.
 Without arguments it reads the two XSTest files from ``../shared/data`` next to the
 project root (or from ``$CDELTA_SHARED_DATA``).
 """
@@ -15,12 +17,24 @@ from pathlib import Path
 
 from cdelta.errors import CdeltaError
 from cdelta.judge import JUDGE_NAMES, Judge, get_judge, judge_batch
+from cdelta.judge.reply import REPLY_KINDS, ReplyJudge, read_replies
 
 REFUSAL_LABELS = frozenset({"2_full_refusal", "3_partial_refusal"})
 COMPLIANCE_LABELS = frozenset({"1_full_compliance"})
 REQUIRED_COLUMNS = ("prompt", "completion", "final_label")
 XSTEST_FILES = ("llama2orig.csv", "mistralinstruct.csv")
 N_EXAMPLES = 5
+REPLY_PREFIX = "reply:"
+AGREEMENT_JUDGES = JUDGE_NAMES + tuple(REPLY_PREFIX + name for name in JUDGE_NAMES)
+"""Judges the report compares: the opening judges, then the whole-reply judge over each."""
+
+
+def agreement_judge(name: str) -> Judge:
+    """An opening judge by name, or ``reply:<name>``: the whole-reply judge over it."""
+    key = (name or "").strip().lower()
+    if key.startswith(REPLY_PREFIX):
+        return ReplyJudge(get_judge(key[len(REPLY_PREFIX) :]))
+    return get_judge(key)
 
 
 def read_labelled(csv_path: str | Path) -> list[dict]:
@@ -56,7 +70,7 @@ def _ratio(a: int, b: int) -> float:
 def judge_agreement(judge: Judge | str, csv_path: str | Path, n_examples: int = N_EXAMPLES) -> dict:
     """Accuracy, refusal precision/recall/F1, confusion counts and disagreement examples."""
     if isinstance(judge, str):
-        judge = get_judge(judge)
+        judge = agreement_judge(judge)
     rows = read_labelled(csv_path)
     verdicts = judge_batch(judge, [r["prompt"] for r in rows], [r["completion"] for r in rows])
     tp = fp = fn = tn = 0
@@ -112,7 +126,7 @@ def default_paths() -> list[Path]:
     )
 
 
-def report(paths: Sequence[str | Path] | None = None, judges: Sequence[str] = JUDGE_NAMES) -> str:
+def report(paths: Sequence[str | Path] | None = None, judges: Sequence[str] = AGREEMENT_JUDGES) -> str:
     """A markdown table of every judge's agreement on every file."""
     paths = list(paths) if paths else default_paths()
     lines = [
@@ -120,7 +134,7 @@ def report(paths: Sequence[str | Path] | None = None, judges: Sequence[str] = JU
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name in judges:
-        judge = get_judge(name)
+        judge = agreement_judge(name)
         for path in paths:
             r = judge_agreement(judge, path)
             c = r["confusion"]
@@ -131,10 +145,36 @@ def report(paths: Sequence[str | Path] | None = None, judges: Sequence[str] = JU
     return "\n".join(lines)
 
 
+def kinds_report(paths: Sequence[str | Path] | None = None, opening: str = "classifier") -> str:
+    """A markdown table: how many completions of each file get each whole-reply kind,
+    split by the human label (refusal / compliance), with ``opening`` as the opening judge."""
+    paths = list(paths) if paths else default_paths()
+    judge = get_judge(opening)
+    lines = [
+        "| opening judge | file | human | " + " | ".join(REPLY_KINDS) + " |",
+        "|---|---|---|" + "---|" * len(REPLY_KINDS),
+    ]
+    for path in paths:
+        rows = read_labelled(path)
+        verdicts = read_replies(judge, [r["prompt"] for r in rows], [r["completion"] for r in rows])
+        for human in (True, False):
+            counts = {k: 0 for k in REPLY_KINDS}
+            for row, v in zip(rows, verdicts):
+                if row["human_refusal"] == human:
+                    counts[v.kind] += 1
+            label = "refusal" if human else "compliance"
+            lines.append(
+                f"| {opening} | {Path(path).name} | {label} | " + " | ".join(str(counts[k]) for k in REPLY_KINDS) + " |"
+            )
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     try:
         print(report(args or None))
+        print()
+        print(kinds_report(args or None))
     except CdeltaError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
