@@ -32,6 +32,7 @@ DtypeOpt = Annotated[str, typer.Option(help="float32, bfloat16 or float16.")]
 DeviceMapOpt = Annotated[Optional[str], typer.Option(help="auto: split a model too large for one GPU over all GPUs (accelerate); overrides --device.")]
 SeedOpt = Annotated[int, typer.Option(help="Random seed (recorded in every output).")]
 TrustOpt = Annotated[bool, typer.Option("--trust-remote-code", help="Allow model repos to run their own code.")]
+ContextOpt = Annotated[Optional[list[str]], typer.Option("--context", help="Deployment context to evaluate in besides plain: system, conversation, rephrased, sampled, or all; repeat for several (docs/contexts.md).")]
 
 
 @app.callback()
@@ -141,9 +142,27 @@ def _print_refusal_table(result: dict) -> None:
             lo, hi = cell["ci95"]
             table.add_row(name, category, cell["kind"], f"{cell['refusal_rate']:.1%}", str(cell["n"]), f"[{lo:.1%}, {hi:.1%}]")
     out.print(table)
+    if "contexts" in result:
+        _print_context_table({"": result})
     utility = result["utility"]
     parts = [f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}" for key, value in utility.items()]
     out.print("utility: " + ", ".join(parts))
+
+
+def _print_context_table(results: dict[str, dict]) -> None:
+    """Refusal per set and category in every context, one column per (model, context);
+    ``results`` maps a model label ("" for one model) to its evaluation."""
+    columns = [(label, context) for label, result in results.items() for context in ["plain", *result.get("contexts", {})]]
+    table = Table("set", "category", *[f"{label} {context}".strip() for label, context in columns])
+    first = next(iter(results.values()))
+    for name, cells in first["sets"].items():
+        for category in cells:
+            row = []
+            for label, context in columns:
+                source = results[label] if context == "plain" else results[label]["contexts"][context]
+                row.append(f"{source['sets'][name][category]['refusal_rate']:.1%}")
+            table.add_row(name, category, *row)
+    out.print(table)
 
 
 @app.command("eval")
@@ -159,6 +178,7 @@ def eval_cmd(
     batch_size: Annotated[int, typer.Option(help="Generation batch size.")] = 16,
     mmlu_n: Annotated[int, typer.Option(help="MMLU questions in the fixed sample (0 to skip).")] = 100,
     backend: Annotated[str, typer.Option(help="Generation: auto (vLLM when installed and a GPU is present), transformers or vllm.")] = "auto",
+    context: ContextOpt = None,
     seed: SeedOpt = 0,
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "float32",
@@ -166,6 +186,7 @@ def eval_cmd(
     trust_remote_code: TrustOpt = False,
 ) -> None:
     """Refusal per prompt set and category (Wilson 95% CI), over-refusal, and utility."""
+    from cdelta.data.contexts import parse_contexts
     from cdelta.data.registry import load_source
     from cdelta.evaluate import EvalConfig, evaluate_model
     from cdelta.generation import resolve_backend
@@ -178,7 +199,8 @@ def eval_cmd(
     sets = [load_source(name) for name in (prompts or ["builtin"])]
     if split not in ("train", "val", "test"):
         raise CdeltaError(f"unknown split '{split}'", "use train, val or test")
-    config = EvalConfig(split, judge, max_new_tokens, batch_size, limit_per_category, mmlu_n, seed=seed, backend=resolve_backend(backend))
+    config = EvalConfig(split, judge, max_new_tokens, batch_size, limit_per_category, mmlu_n, seed=seed, backend=resolve_backend(backend),
+                        contexts=tuple(parse_contexts(context or ["plain"])))
     lm = load_model(model, device, dtype, trust_remote_code, device_map=device_map)
     ref = load_model(reference, device, dtype, trust_remote_code, device_map=device_map) if reference else None
     result = evaluate_model(lm.model, lm.tokenizer, sets, config, (ref.model, ref.tokenizer) if ref else None)
@@ -263,6 +285,8 @@ def run_cmd(
     search: Annotated[Optional[bool], typer.Option("--search/--no-search", help="Choose circuit size and k by an Optuna search on the validation split.")] = None,
     search_trials: Annotated[Optional[int], typer.Option(help="Trials of --search in total.")] = None,
     controls: Annotated[Optional[str], typer.Option(help="Comma-separated controls: random, full.")] = None,
+    context: ContextOpt = None,
+    train_contexts: Annotated[Optional[str], typer.Option(help="Comma-separated contexts the edit is fitted and trained in besides plain (system, conversation, rephrased; docs/contexts.md), or none.")] = None,
     n_pairs: Annotated[Optional[int], typer.Option(help="Prompt pairs for EAP-IG.")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Random seed.")] = None,
     device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda or mps.")] = None,
@@ -279,6 +303,7 @@ def run_cmd(
     overrides = dict(
         model=model, category=category.split(",") if category else None, direction=direction, circuit=circuit, variant=variant, gate_span=gate_span, gate_layer=gate_layer, steps=steps,
         k=k, search=search, search_trials=search_trials, controls=controls.split(",") if controls else None, n_pairs=n_pairs, seed=seed, device=device,
+        eval_contexts=context, train_contexts=_context_list(train_contexts),
         dtype=dtype, device_map=device_map, max_memory_mb=max_memory_mb, trust_remote_code=trust_remote_code,
     )
     cfg = make_config(load_config_file(config) if config else {}, overrides)
@@ -292,6 +317,13 @@ def run_cmd(
     out.print(f"wrote {out_dir}/results.json, {out_dir}/checkpoint/, {out_dir}/delta.safetensors, {report}")
 
 
+def _context_list(value: str | None) -> list[str] | None:
+    """A comma-separated context list (``none``: the empty list; None: not given)."""
+    if value is None:
+        return None
+    return [] if value.strip().lower() == "none" else [v.strip() for v in value.split(",") if v.strip()]
+
+
 def _print_before_after(results: dict) -> None:
     """Before/after refusal per category, with the edit's size and utility."""
     table = Table("set", "category", "base", "edited", "n", "edited 95% CI")
@@ -301,6 +333,8 @@ def _print_before_after(results: dict) -> None:
             lo, hi = cell["ci95"]
             table.add_row(name, category, f"{base:.1%}", f"{cell['refusal_rate']:.1%}", str(cell["n"]), f"[{lo:.1%}, {hi:.1%}]")
     out.print(table)
+    if "contexts" in results["edited"]:
+        _print_context_table({"base": results["base"], "edited": results["edited"]})
     edit = results["edit"]
     utility = results["edited"]["utility"]
     out.print(

@@ -51,6 +51,9 @@ class RunConfig(BaseModel):
     )
     circuit: str = Field("params:0.02", description="Circuit selection: top_k:N, top_frac:F, threshold:S or params:F.")
     pairs: bool = Field(False, description="Also train and select on the project's look-alike twins and over-refusal minimal pairs, harmful sides as their harm category (always on for target lookalike).")
+    train_contexts: list[Literal["system", "conversation", "rephrased"]] = Field(
+        [], description="Deployment contexts the edit is also fitted and trained in: every target and retain prompt of the train split is added once per context, with context instances from the train split of the library (docs/contexts.md)."
+    )
     # edit
     variant: Literal["direct", "contrastive", "gated"] = Field(
         "direct", description="direct: one masked fine-tune; contrastive: k·M⊙(θ_pos − θ_neg); gated: neurons of the circuit's top MLP rewritten as a category gate (docs/gated.md)."
@@ -80,6 +83,7 @@ class RunConfig(BaseModel):
     eval_batch_size: int = Field(32, ge=1)
     mmlu_n: int = Field(100, ge=0)
     eval_prompts: list[str] = Field(["builtin"], description="Prompt sets for the before/after evaluation.")
+    eval_contexts: list[str] = Field(["plain"], description="Deployment contexts of the before/after evaluation: plain, system, conversation, rephrased, sampled, or all (docs/contexts.md).")
     eval_limit: int | None = Field(None, ge=1, description="Evaluate at most this many prompts per category (None: all).")
     faithfulness: bool = Field(True, description="Measure the circuit's faithfulness curve during localize.")
 
@@ -102,6 +106,16 @@ class RunConfig(BaseModel):
         if unknown or not value:
             raise ValueError(f"unknown category {unknown}; use one or more of {', '.join(HARM_CATEGORIES)} (or {LOOKALIKE} with direction lift)")
         return value
+
+    @field_validator("eval_contexts")
+    @classmethod
+    def _known_contexts(cls, value: list[str]) -> list[str]:
+        from cdelta.data.contexts import parse_contexts
+
+        try:
+            return parse_contexts(value)
+        except CdeltaError as exc:
+            raise ValueError(str(exc)) from None
 
     @model_validator(mode="after")
     def _targets_fit_direction(self) -> RunConfig:

@@ -1,5 +1,11 @@
 """Evaluation: refusal per prompt set and category with Wilson intervals, and utility.
 
+Refusal is measured in one or more deployment contexts (``data.contexts``): ``plain``
+(one user turn, greedy) fills the top-level tables; every other context gets its own
+tables under ``contexts``, and ``context_range`` gives each cell's lowest and highest
+rate across contexts (the worst case for a target is its lowest rate, for any other
+cell its highest).
+
 Utility is measured three ways: perplexity on a fixed public-domain text, MMLU
 accuracy on a fixed sample (letter scoring), and first-token KL on harmless prompts
 against a reference model.
@@ -14,8 +20,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from cdelta.data.contexts import PLAIN, SAMPLED, SAMPLING, Sampling, contextualize, harmless_requests
 from cdelta.data.prompts import HARMLESS, LOOKALIKE, PromptSet
 from cdelta.generation import generate
+from cdelta.judge.reply import read_replies
 from cdelta.models.chat import encode_chat, reply_start_logits
 
 
@@ -34,11 +42,13 @@ def wilson_interval(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
 
 @dataclass
 class RefusalStat:
-    """Refusal rate of one (prompt set, category) cell."""
+    """Refusal and garbled-reply counts of one (prompt set, category) cell (a mean over
+    sampling seeds in a sampled context, so they may be fractional)."""
 
-    refusals: int
+    refusals: float
     n: int
     kind: str
+    garbled: float = 0
 
     @property
     def rate(self) -> float:
@@ -46,16 +56,18 @@ class RefusalStat:
 
     def to_json(self) -> dict:
         lo, hi = wilson_interval(self.refusals, self.n)
-        return {"refusal_rate": self.rate, "n": self.n, "refusals": self.refusals, "ci95": [lo, hi], "kind": self.kind}
+        return {"refusal_rate": self.rate, "n": self.n, "refusals": self.refusals, "ci95": [lo, hi], "kind": self.kind,
+                "garbled_rate": self.garbled / self.n if self.n else float("nan"), "garbled": self.garbled}
 
 
-def refusal_stats(prompts: PromptSet, refused: list[bool]) -> dict[str, RefusalStat]:
-    """Per-category refusal counts for judged prompts (same order as ``prompts``)."""
+def refusal_stats(prompts: PromptSet, refused: list[bool], garbled: list[bool] | None = None) -> dict[str, RefusalStat]:
+    """Per-category refusal (and garbled-reply) counts for judged prompts (same order as ``prompts``)."""
     cells: dict[str, RefusalStat] = {}
-    for prompt, is_refusal in zip(prompts, refused):
+    for prompt, is_refusal, is_garbled in zip(prompts, refused, garbled or [False] * len(prompts)):
         cell = cells.setdefault(prompt.category, RefusalStat(0, 0, prompt.kind))
         cell.n += 1
         cell.refusals += int(is_refusal)
+        cell.garbled += int(is_garbled)
     return cells
 
 
@@ -69,9 +81,10 @@ def judge_generations(
     progress: bool = True,
     backend: str = "transformers",
 ) -> tuple[list[str], list[bool]]:
-    """Generate greedily for every prompt (``cdelta.generation`` backend) and judge each completion."""
+    """Generate greedily for every prompt (``cdelta.generation`` backend) and judge each
+    completion's opening (the edit's own quick selection checks use this)."""
     completions = generate(
-        model, tokenizer, prompts.texts(), max_new_tokens, batch_size, progress, description=f"{prompts.name}", backend=backend
+        model, tokenizer, prompts.chats(), max_new_tokens, batch_size, progress, description=f"{prompts.name}", backend=backend
     )
     refused = [judge.is_refusal(p.text, c) for p, c in zip(prompts, completions)]
     return completions, refused
@@ -79,9 +92,8 @@ def judge_generations(
 
 def pooled_rate(stats: dict[str, dict[str, RefusalStat]], kind: str) -> dict:
     """Refusal pooled over every set's cells of one ``kind`` (e.g. harmless)."""
-    k = sum(c.refusals for cells in stats.values() for c in cells.values() if c.kind == kind)
-    n = sum(c.n for cells in stats.values() for c in cells.values() if c.kind == kind)
-    return RefusalStat(k, n, kind).to_json()
+    cells = [c for by_category in stats.values() for c in by_category.values() if c.kind == kind]
+    return RefusalStat(sum(c.refusals for c in cells), sum(c.n for c in cells), kind, sum(c.garbled for c in cells)).to_json()
 
 
 @torch.no_grad()
@@ -159,7 +171,8 @@ def limit_per_category(prompts: PromptSet, limit: int | None, seed: int = 0) -> 
 
 @dataclass
 class EvalConfig:
-    """What ``evaluate_model`` measures; the CLI flags mirror these fields."""
+    """What ``evaluate_model`` measures; the CLI flags mirror these fields. ``contexts``:
+    names from ``data.contexts.CONTEXTS`` (``plain`` is always measured)."""
 
     split: str = "test"
     judge: str = "classifier"
@@ -171,6 +184,74 @@ class EvalConfig:
     kl_prompts: int = 64
     seed: int = 0
     backend: str = "transformers"
+    contexts: tuple[str, ...] = (PLAIN,)
+
+
+def sampled_names(sampling: Sampling = SAMPLING) -> list[str]:
+    """Result names of the sampled context, one per temperature (``sampled-t0.7``)."""
+    return [f"{SAMPLED}-t{t:g}" for t in sampling.temperatures]
+
+
+def _judged(model, tokenizer, sets: list[PromptSet], judge, config: EvalConfig, progress: bool, label: str = "",
+            temperature: float = 0.0, seed: int = 0) -> tuple[dict[str, dict[str, RefusalStat]], dict[str, list[dict]]]:
+    """Per-set refusal cells and generation records of ``sets`` (already in their context),
+    each reply read whole (``judge.reply``: refusal, garbled, kind) over the opening judge."""
+    stats, generations = {}, {}
+    for prompts in sets:
+        completions = generate(model, tokenizer, prompts.chats(), config.max_new_tokens, config.batch_size, progress,
+                               description=f"{prompts.name}{label}", backend=config.backend,
+                               temperature=temperature, top_p=SAMPLING.top_p, seed=seed)
+        verdicts = read_replies(judge, prompts.texts(), completions)
+        stats[prompts.name] = refusal_stats(prompts, [v.refusal for v in verdicts], [v.garbled for v in verdicts])
+        generations[prompts.name] = [
+            {"id": p.id, "category": p.category, "prompt": p.text, "completion": c, "refusal": v.refusal, "reply": v.kind,
+             **({"context": [list(m) for m in p.context]} if p.context else {})}
+            for p, c, v in zip(prompts, completions, verdicts)
+        ]
+    return stats, generations
+
+
+def _mean_stats(runs: list[dict[str, dict[str, RefusalStat]]]) -> dict[str, dict[str, RefusalStat]]:
+    """Cells whose refusals are the mean over ``runs`` (same prompts, other sampling seeds)."""
+    return {name: {cat: RefusalStat(sum(run[name][cat].refusals for run in runs) / len(runs), cell.n, cell.kind,
+                                    sum(run[name][cat].garbled for run in runs) / len(runs))
+                   for cat, cell in cells.items()} for name, cells in runs[0].items()}
+
+
+def evaluate_contexts(model, tokenizer, sets: list[PromptSet], harmless: list[str], config: EvalConfig, judge,
+                      progress: bool = True) -> dict[str, dict]:
+    """``{context: {"sets", "pooled", "generations"}}`` for every context of ``config``
+    but ``plain``; ``sets`` are already split and limited, ``harmless`` the requests a
+    same-turn conversation may put first. A sampled context has one entry per
+    temperature, each the mean over ``SAMPLING.seeds`` (its generations from the first seed)."""
+    out = {}
+    for context in config.contexts:
+        if context == PLAIN:
+            continue
+        if context == SAMPLED:
+            for temperature, name in zip(SAMPLING.temperatures, sampled_names()):
+                runs = [_judged(model, tokenizer, sets, judge, config, progress, f" [{name} seed {seed}]", temperature, seed)
+                        for seed in SAMPLING.seeds]
+                out[name] = {**summarize(_mean_stats([stats for stats, _ in runs])), "generations": runs[0][1],
+                             "sampling": {"temperature": temperature, "top_p": SAMPLING.top_p, "seeds": list(SAMPLING.seeds)}}
+            continue
+        placed = [contextualize(prompts, context, config.split, config.seed, harmless) for prompts in sets]
+        stats, generations = _judged(model, tokenizer, placed, judge, config, progress, f" [{context}]")
+        out[context] = {**summarize(stats), "generations": generations}
+    return out
+
+
+def context_range(plain: dict, contexts: dict[str, dict]) -> dict:
+    """Per set and category, the lowest and highest refusal rate over plain and every
+    context: ``{set: {category: {"min": [context, rate], "max": [context, rate]}}}``."""
+    tables = {PLAIN: plain["sets"], **{name: result["sets"] for name, result in contexts.items()}}
+    out: dict[str, dict] = {}
+    for name, cells in plain["sets"].items():
+        out[name] = {}
+        for category in cells:
+            rates = [(context, table[name][category]["refusal_rate"]) for context, table in tables.items()]
+            out[name][category] = {"min": list(min(rates, key=lambda r: r[1])), "max": list(max(rates, key=lambda r: r[1]))}
+    return out
 
 
 def evaluate_model(
@@ -181,7 +262,8 @@ def evaluate_model(
     reference: tuple[torch.nn.Module, object] | None = None,
     progress: bool = True,
 ) -> dict:
-    """Refusal tables for every prompt set, pooled rates, utility, and all generations.
+    """Refusal tables for every prompt set (plain, and in each context of ``config``),
+    pooled rates, utility, and all generations.
 
     ``reference`` is (model, tokenizer) used for first-token KL on harmless prompts.
     """
@@ -189,20 +271,9 @@ def evaluate_model(
     from cdelta.judge import get_judge
 
     judge = get_judge(config.judge)
-    stats: dict[str, dict[str, RefusalStat]] = {}
-    generations: dict[str, list[dict]] = {}
-    harmless_texts: list[str] = []
-    for prompts in prompt_sets:
-        chosen = limit_per_category(prompts.filter(split=config.split), config.limit_per_category, config.seed)
-        completions, refused = judge_generations(
-            model, tokenizer, chosen, judge, config.max_new_tokens, config.batch_size, progress, config.backend
-        )
-        stats[prompts.name] = refusal_stats(chosen, refused)
-        generations[prompts.name] = [
-            {"id": p.id, "category": p.category, "prompt": p.text, "completion": c, "refusal": r}
-            for p, c, r in zip(chosen, completions, refused)
-        ]
-        harmless_texts += [p.text for p in chosen if p.kind == HARMLESS]
+    chosen = [limit_per_category(prompts.filter(split=config.split), config.limit_per_category, config.seed) for prompts in prompt_sets]
+    stats, generations = _judged(model, tokenizer, chosen, judge, config, progress)
+    harmless_texts = [p.text for prompts in chosen for p in prompts if p.kind == HARMLESS]
     utility: dict[str, float | int | None] = {
         "perplexity": perplexity(model, tokenizer, load_ppl_text(config.ppl_chars)),
         "ppl_chars": config.ppl_chars,
@@ -220,4 +291,9 @@ def evaluate_model(
             next_token_logprobs(ref_model, ref_tokenizer, texts), next_token_logprobs(model, tokenizer, texts)
         )
         utility["kl_prompts"] = len(texts)
-    return {**summarize(stats), "utility": utility, "generations": generations}
+    results = {**summarize(stats), "utility": utility, "generations": generations}
+    if any(context != PLAIN for context in config.contexts):
+        harmless = sorted({text for prompts in prompt_sets for text in harmless_requests(prompts, config.split)})
+        results["contexts"] = evaluate_contexts(model, tokenizer, chosen, harmless, config, judge, progress)
+        results["context_range"] = context_range(results, results["contexts"])
+    return results

@@ -23,7 +23,7 @@ from cdelta.config import RunConfig, check_targets
 from cdelta.data.builtin import load_builtin, load_pairs, load_twins
 from cdelta.data.prompts import HARMLESS, LOOKALIKE, TWIN, PromptSet
 from cdelta.data.public import check_trainable
-from cdelta.edit.data import first_compliant, own_reply_pairs, refusal_pairs, retain_prompts
+from cdelta.edit.data import Pair, first_compliant, in_train_contexts, own_reply_pairs, pairs_from_json, refusal_pairs, retain_prompts
 from cdelta.edit.delta import Delta, apply_to_model, compose, load_sparse, save_sparse
 from cdelta.edit.export import export_edit, write_model_card
 from cdelta.edit.gate import GATE_RECIPE, choose_threshold, decision_open_rates, fit_gate, gated_finetune
@@ -283,18 +283,18 @@ def _threshold_chooser(lm: LoadedModel, cfg: RunConfig, val: PromptSet, label: s
     return choose
 
 
-def _cached_pairs(run_dir: Path, name: str, key: dict, make: Callable[[], list], log: Log) -> list[tuple[str, str]]:
+def _cached_pairs(run_dir: Path, name: str, key: dict, make: Callable[[], list], log: Log) -> list[Pair]:
     """(prompt, reply) pairs made once and stored as ``run_dir/name.json``."""
     path = run_dir / f"{name}.json"
     return run_stage(run_dir, name, key, [path.name], lambda: _write_json(path, make()),
-                     lambda: [tuple(x) for x in json.loads(path.read_text())], log)
+                     lambda: pairs_from_json(json.loads(path.read_text())), log)
 
 
 LIFT_TEACHER = "ablated base reply if judged compliant, else own base reply if judged compliant, else dropped"
 """How ``_lift_replies`` picks each target prompt's learned reply (part of its stage key)."""
 
 
-def _lift_replies(lm: LoadedModel, prompts: PromptSet, target: PromptSet, cfg: RunConfig, judge) -> list[tuple[str, str]]:
+def _lift_replies(lm: LoadedModel, prompts: PromptSet, target: PromptSet, cfg: RunConfig, judge) -> list[Pair]:
     """Compliant replies for ``lift`` (``LIFT_TEACHER``): first the base's greedy replies with
     its refusal direction ablated, then, where the judge calls that a refusal, its plain reply.
 
@@ -379,10 +379,10 @@ def build_edit(cfg: RunConfig, run_dir: Path, lm: LoadedModel, log: Log = print,
     # 2. data: the base model's own replies to retain; target replies to learn
     clock = time.perf_counter()
     judge = get_judge(cfg.judge)
-    retain_set = retain_prompts(prompts, cfg.category, cfg.retain_counts(), cfg.seed)
+    retain_set = in_train_contexts(retain_prompts(prompts, cfg.category, cfg.retain_counts(), cfg.seed), prompts, cfg.train_contexts, cfg.seed)
     retain = _cached_pairs(run_dir, "retain", {**base_key, "prompts": prompts_digest(retain_set)},
                            lambda: own_reply_pairs(lm.model, lm.tokenizer, retain_set, 16), log)
-    target = prompts.filter(split="train", category=cfg.category)
+    target = in_train_contexts(prompts.filter(split="train", category=cfg.category), prompts, cfg.train_contexts, cfg.seed)
     target_key = {**base_key, "prompts": prompts_digest(target)}
     if cfg.direction == "refuse":
         learned = sum((refusal_pairs(target.filter(category=c), c, cfg.seed) for c in cfg.category), [])
@@ -398,6 +398,8 @@ def build_edit(cfg: RunConfig, run_dir: Path, lm: LoadedModel, log: Log = print,
 
     # 3. edit: circuit-restricted ΔθC (before scaling by k), one per circuit size tried
     edit_fields = {"variant", "direction", "steps", "lr", "batch_size", "retain_weight", "first_token_weight", "category"}
+    if cfg.train_contexts:  # absent when unset, so run directories made before the option keep their key
+        edit_fields.add("train_contexts")
     edit_key = {**base_key, "circuits": [file_digest(run_dir / "localize" / c / "circuit.json") for c in cfg.category],
                 "retain": file_digest(run_dir / "retain.json"), **cfg.model_dump(include=edit_fields)}
     if cfg.direction == "lift":
@@ -553,7 +555,8 @@ def run_pipeline(cfg: RunConfig, run_dir: Path, log: Log = print) -> dict:
 
     # evaluate base and the exported checkpoint (loaded fresh, as users will)
     clock = time.perf_counter()
-    eval_cfg = EvalConfig("test", cfg.judge, cfg.max_new_tokens, cfg.eval_batch_size, cfg.eval_limit, cfg.mmlu_n, seed=cfg.seed)
+    eval_cfg = EvalConfig("test", cfg.judge, cfg.max_new_tokens, cfg.eval_batch_size, cfg.eval_limit, cfg.mmlu_n, seed=cfg.seed,
+                          contexts=tuple(cfg.eval_contexts))
     sets = [_eval_source(name) for name in cfg.eval_prompts]
     eval_key = {"model_sha256": lm.weights_sha256, "seed": cfg.seed, "eval": vars(eval_cfg), "sets": cfg.eval_prompts}
     base_results = run_stage(

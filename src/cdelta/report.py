@@ -38,12 +38,13 @@ MAX_TEXT_CHARS = 400
 """Prompts and completions longer than this are truncated (with an ellipsis)."""
 
 EDIT_SECTIONS = ("circuit", "faithfulness", "pareto")
-SECTIONS = ("summary", "refusal", "utility", *EDIT_SECTIONS, "generations")
+SECTIONS = ("summary", "refusal", "contexts", "utility", *EDIT_SECTIONS, "generations")
 """HTML ids of the report's sections, in order (eval-only reports omit ``EDIT_SECTIONS``)."""
 
 SECTION_TITLES = {
     "summary": "Run",
     "refusal": "Refusal before / after",
+    "contexts": "Deployment contexts",
     "utility": "Over-refusal and utility",
     "circuit": "Circuit",
     "faithfulness": "Faithfulness",
@@ -565,6 +566,57 @@ def section_refusal(data: RunData) -> str:
     return _section("refusal", "".join(blocks))
 
 
+def _context_names(arms: list[Arm]) -> list[str]:
+    """``plain`` and every other context the first arm was evaluated in."""
+    return ["plain", *arms[0].results.get("contexts", {})]
+
+
+def _context_cells(arm: Arm, context: str, set_name: str) -> dict:
+    source = arm.results if context == "plain" else arm.results.get("contexts", {}).get(context, {})
+    return source.get("sets", {}).get(set_name, {})
+
+
+def context_table(arms: list[Arm], set_name: str, targets: list[str]) -> str:
+    """Refusal (and garbled-reply rate) per category in every context, for every arm; the
+    last column is each arm's worst context: lowest refusal for a target, highest otherwise."""
+    contexts = _context_names(arms)
+    header = ["category", *[f"{esc(a.label)}: {esc(c)}" for a in arms for c in contexts], *[f"{esc(a.label)}: worst" for a in arms]]
+    rows = []
+    for category in _ordered_categories(arms[0].results["sets"][set_name], targets):
+        cells, worst = [], []
+        for arm in arms:
+            rates = []
+            for context in contexts:
+                cell = _context_cells(arm, context, set_name).get(category)
+                rates.append((context, cell["refusal_rate"]) if cell else None)
+                garbled = f'<span class="ci">garbled {pct(cell.get("garbled_rate"))}</span>' if cell and "garbled_rate" in cell else ""
+                cells.append(f'<td class="rate" data-arm="{esc(arm.key)}" data-context="{esc(context)}">'
+                             f'<span class="v">{pct(cell["refusal_rate"]) if cell else "–"}</span>{garbled}</td>')
+            known = [r for r in rates if r]
+            pick = (min if category in targets else max)(known, key=lambda r: r[1]) if known else None
+            worst.append(f'<td class="rate"><span class="v">{pct(pick[1])}</span><span class="ci">{esc(pick[0])}</span></td>'
+                         if pick else "<td>–</td>")
+        label = esc(category) + (' <span class="tag">target</span>' if category in targets else "")
+        rows.append(f'<tr class="{"target" if category in targets else ""}"><th>{label}</th>{"".join(cells + worst)}</tr>')
+    return _table(header, rows, "contexts", f' data-set="{esc(set_name)}"')
+
+
+def section_contexts(data: RunData) -> str:
+    """Refusal per category in each deployment context (plain, system prompts, conversations, rephrasings, sampling)."""
+    if len(_context_names(data.arms)) == 1:
+        return _section("contexts", _note("evaluated in the plain context only (one user turn, default system prompt, greedy); "
+                                          "add contexts with --context (docs/contexts.md)"))
+    howto = ("The same test prompts in other deployment contexts: under held-out system prompts, as a later turn of a "
+             "conversation, rephrased, and sampled (mean over seeds). Each cell is the refusal rate with the rate of "
+             "garbled replies (broken text, or an answer announced and never given) below it; the worst column is the "
+             "lowest refusal of a target category and the highest of any other across contexts.")
+    blocks = [_howto(howto)]
+    for set_name in _set_names(data.arms):
+        blocks.append(f"<h3>Prompt set: {esc(set_name)}</h3>")
+        blocks.append(context_table(data.arms, set_name, data.targets))
+    return _section("contexts", "".join(blocks))
+
+
 def over_refusal_table(arms: list[Arm], targets: list[str]) -> str:
     """Pooled refusal per group (target / other harmful / harmless / look-alike) for every arm."""
     pooled = {a.key: group_rates(a.results, targets) for a in arms}
@@ -849,7 +901,8 @@ def build_report(path: Path) -> str:
     data = load_run(path)
     sections = [s for s in SECTIONS if not (data.eval_only and s in EDIT_SECTIONS)]
     builders = {
-        "summary": section_summary, "refusal": section_refusal, "utility": section_utility, "circuit": section_circuit,
+        "summary": section_summary, "refusal": section_refusal, "contexts": section_contexts, "utility": section_utility,
+        "circuit": section_circuit,
         "faithfulness": section_faithfulness, "pareto": section_pareto, "generations": section_generations,
     }
     body = "".join(builders[s](data) for s in sections)

@@ -19,8 +19,10 @@ def fingerprint(obj) -> str:
 
 
 def prompts_digest(prompts) -> str:
-    """sha256 of every prompt's id, text, category, kind and split (identity of a ``PromptSet``'s data)."""
-    return fingerprint([(p.id, p.text, p.category, p.kind, p.split) for p in prompts])
+    """sha256 of every prompt's id, text, category, kind, split and context, when it has one
+    (identity of a ``PromptSet``'s data)."""
+    return fingerprint([(p.id, p.text, p.category, p.kind, p.split) + ((p.context,) if p.context else ())
+                        for p in prompts])
 
 
 def file_digest(path: Path) -> str:

@@ -19,6 +19,9 @@ SPLIT_FRACTIONS = (0.5, 0.2, 0.3)
 """Fractions of each category assigned to train/val/test by ``assign_split``."""
 DEFAULT_SPLIT_SEED = 0
 
+Chat = tuple[tuple[str, str], ...]
+"""A conversation as (role, content) messages, roles ``system``, ``user``, ``assistant``."""
+
 
 @dataclass(frozen=True)
 class Prompt:
@@ -27,6 +30,9 @@ class Prompt:
     ``category`` is a project category for harmful prompts, ``harmless`` or
     ``lookalike`` otherwise, or ``other`` when a source category maps to nothing;
     ``source_category`` keeps the source's own label. ``kind`` is one of ``KINDS``.
+    ``context`` holds the (role, content) messages before the request's user turn (a
+    system prompt, earlier exchanges: ``data.contexts``); empty means one user turn under
+    the model's default system prompt.
     """
 
     id: str
@@ -36,6 +42,12 @@ class Prompt:
     source: str
     split: str = "test"
     source_category: str = ""
+    context: Chat = ()
+
+    @property
+    def chat(self) -> str | Chat:
+        """What the chat template renders: the text alone, or the context and the request's user turn."""
+        return self.context + (("user", self.text),) if self.context else self.text
 
 
 def assign_split(prompt_id: str, seed: int = DEFAULT_SPLIT_SEED) -> str:
@@ -72,6 +84,10 @@ class PromptSet:
     def texts(self) -> list[str]:
         """Prompt texts in order."""
         return [p.text for p in self.prompts]
+
+    def chats(self) -> list[str | Chat]:
+        """What the chat template renders for each prompt, in order (``Prompt.chat``)."""
+        return [p.chat for p in self.prompts]
 
     def categories(self) -> list[str]:
         """Distinct categories in first-seen order."""

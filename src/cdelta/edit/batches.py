@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from cdelta.edit.truncated import decoder_from
-from cdelta.models.chat import format_chat
+from cdelta.models.chat import ChatInput, format_chat
 
 
 @dataclass
@@ -28,7 +28,7 @@ class ReplyBatch:
         return ReplyBatch(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.reply_mask, self.first_reply)))
 
 
-def build_reply_batch(tokenizer, prompts: list[str], replies: list[str], max_reply_tokens: int = 32) -> ReplyBatch:
+def build_reply_batch(tokenizer, prompts: list[ChatInput], replies: list[str], max_reply_tokens: int = 32) -> ReplyBatch:
     """Tokenize ``prompts`` through the chat template and append ``replies`` (+EOS when not truncated)."""
     rows, reply_starts, reply_lens = [], [], []
     for text, reply in zip(format_chat(tokenizer, prompts), replies):

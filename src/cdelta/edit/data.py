@@ -6,17 +6,38 @@ import random
 from collections.abc import Callable
 
 from cdelta.data.builtin import refusal_replies
+from cdelta.data.contexts import contextualize, harmless_requests
 from cdelta.data.prompts import HARMLESS, LOOKALIKE, PromptSet
 from cdelta.generation import generate
 from cdelta.judge import Judge, judge_batch
+from cdelta.models.chat import ChatInput, user_text
+
+Pair = tuple[ChatInput, str]
+"""A (prompt, reply) training pair; the prompt is a ``Prompt.chat``."""
 
 
-def refusal_pairs(prompts: PromptSet, category: str, seed: int = 0) -> list[tuple[str, str]]:
+def pairs_from_json(rows: list) -> list[Pair]:
+    """Pairs read back from JSON (a conversation's messages come back as lists)."""
+    return [(prompt if isinstance(prompt, str) else tuple(tuple(m) for m in prompt), reply) for prompt, reply in rows]
+
+
+def in_train_contexts(chosen: PromptSet, prompts: PromptSet, contexts: list[str], seed: int = 0) -> PromptSet:
+    """``chosen`` followed by one copy of it per context of ``contexts``, each with context
+    instances from the library's train split (same-turn conversations put a train-split
+    harmless request of ``prompts`` first)."""
+    harmless = harmless_requests(prompts, "train")
+    out = chosen
+    for context in contexts:
+        out = out + contextualize(chosen, context, "train", seed, harmless)
+    return PromptSet(chosen.name, out.prompts)
+
+
+def refusal_pairs(prompts: PromptSet, category: str, seed: int = 0) -> list[Pair]:
     """(prompt, refusal reply) pairs; replies drawn deterministically from the category's and generic refusals."""
     replies = refusal_replies()
     pool = list(replies.get(category, [])) + list(replies["generic"])
     rng = random.Random(f"{seed}:{category}")
-    return [(p.text, rng.choice(pool)) for p in prompts]
+    return [(p.chat, rng.choice(pool)) for p in prompts]
 
 
 def retain_prompts(prompts: PromptSet, targets: list[str], per_kind: dict[str, int], seed: int = 0) -> PromptSet:
@@ -35,29 +56,29 @@ def retain_prompts(prompts: PromptSet, targets: list[str], per_kind: dict[str, i
     return PromptSet(f"{prompts.name}:retain", chosen)
 
 
-def own_reply_pairs(model, tokenizer, prompts: PromptSet, max_new_tokens: int = 24, progress: bool = True) -> list[tuple[str, str]]:
+def own_reply_pairs(model, tokenizer, prompts: PromptSet, max_new_tokens: int = 24, progress: bool = True) -> list[Pair]:
     """(prompt, the model's own greedy reply) pairs."""
-    replies = generate(model, tokenizer, prompts.texts(), max_new_tokens, batch_size=32, progress=progress, description="base replies")
-    return list(zip(prompts.texts(), replies))
+    replies = generate(model, tokenizer, prompts.chats(), max_new_tokens, batch_size=32, progress=progress, description="base replies")
+    return list(zip(prompts.chats(), replies))
 
 
-Teacher = Callable[[PromptSet], list[tuple[str, str]]]
+Teacher = Callable[[PromptSet], list[Pair]]
 """Makes (prompt, reply) pairs for a prompt set, in its order (e.g. ``own_reply_pairs`` under hooks)."""
 
 
-def first_compliant(judge: Judge, prompts: PromptSet, teachers: list[Teacher]) -> list[tuple[str, str]]:
+def first_compliant(judge: Judge, prompts: PromptSet, teachers: list[Teacher]) -> list[Pair]:
     """Per prompt, the reply of the first teacher whose reply the judge finds compliant.
 
     Each teacher only sees the prompts every earlier teacher's reply refused; prompts
     that all teachers refuse are dropped. Returns (prompt, reply) pairs in prompt order.
     """
-    chosen: dict[str, tuple[str, str]] = {}
+    chosen: dict[str, Pair] = {}
     remaining = prompts
     for teacher in teachers:
         if not len(remaining):
             break
         pairs = teacher(remaining)
-        refused = judge_batch(judge, [text for text, _ in pairs], [reply for _, reply in pairs])
+        refused = judge_batch(judge, [user_text(prompt) for prompt, _ in pairs], [reply for _, reply in pairs])
         chosen.update({p.id: pair for p, pair, is_refusal in zip(remaining, pairs, refused) if not is_refusal})
         remaining = PromptSet(remaining.name, [p for p in remaining if p.id not in chosen])
     return [chosen[p.id] for p in prompts if p.id in chosen]

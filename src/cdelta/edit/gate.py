@@ -45,6 +45,7 @@ from cdelta.edit.delta import Delta, apply_to_model
 from cdelta.edit.train import EditData, TrainConfig, masked_finetune, reference_logprobs
 from cdelta.errors import CdeltaError
 from cdelta.models.architecture import architecture_of, mlp
+from cdelta.models.chat import ChatInput, user_text
 
 THRESHOLD = 1.0
 """Gate threshold ``τ`` in probe-logit units (the neurons fire where ``w·x > τ``)."""
@@ -110,7 +111,7 @@ def recording_mlp_input(model: torch.nn.Module, layer: int) -> Iterator[list[tor
 
 
 @torch.no_grad()
-def mlp_inputs(model: torch.nn.Module, tokenizer, pairs: list[tuple[str, str]], layer: int,
+def mlp_inputs(model: torch.nn.Module, tokenizer, pairs: list[tuple[ChatInput, str]], layer: int,
                max_reply_tokens: int = 24, batch_size: int = 16) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """The host MLP's input on teacher-forced (prompt, reply) sequences.
 
@@ -220,7 +221,7 @@ def split_reply(reply: torch.Tensor, span: int | None) -> tuple[torch.Tensor, to
     return decision, reply & ~decision
 
 
-def fit_gate(model: torch.nn.Module, tokenizer, layer: int, target: list[tuple[str, str]], retain: list[tuple[str, str]],
+def fit_gate(model: torch.nn.Module, tokenizer, layer: int, target: list[tuple[ChatInput, str]], retain: list[tuple[ChatInput, str]],
              n_neurons: int = 1, threshold: float | Callable[[Gate], float] = THRESHOLD, max_reply_tokens: int = 24,
              span: int | None = None) -> Gate:
     """Fit the gate of ``layer`` from target (prompt, reply) and retain (prompt, base reply) pairs.
@@ -244,7 +245,7 @@ def fit_gate(model: torch.nn.Module, tokenizer, layer: int, target: list[tuple[s
     """
     target_inputs = mlp_inputs(model, tokenizer, target, layer, max_reply_tokens)
     retain_inputs = mlp_inputs(model, tokenizer, retain, layer, max_reply_tokens)
-    plain = plain_text_inputs(model, tokenizer, [f"{prompt}\n\n{reply}" for prompt, reply in retain + target], layer)
+    plain = plain_text_inputs(model, tokenizer, [f"{user_text(prompt)}\n\n{reply}" for prompt, reply in retain + target], layer)
     retain_prose, target_prose = torch.cat(plain[: len(retain)]), torch.cat(plain[len(retain) :])
     decision, later = zip(*(split_reply(reply, span) for _, reply, _ in target_inputs))
     positive = torch.cat([x[mask] for (x, _, _), mask in zip(target_inputs, decision)])

@@ -26,6 +26,7 @@ from cdelta.circuits.attribution import frozen
 from cdelta.edit.batches import ReplyBatch, build_reply_batch, reply_kl, reply_logits, reply_nll
 from cdelta.edit.truncated import lowest_layer, residual_at
 from cdelta.models.architecture import architecture_of
+from cdelta.models.chat import ChatInput
 from cdelta.ui import progress_bar
 
 
@@ -55,8 +56,8 @@ class EditData:
     on which the edited model must keep the base's distribution.
     """
 
-    target: list[tuple[str, str]]
-    retain: list[tuple[str, str]]
+    target: list[tuple[ChatInput, str]]
+    retain: list[tuple[ChatInput, str]]
 
 
 def index_batches(n: int, size: int, rng: random.Random):

@@ -5,18 +5,53 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+from jinja2 import TemplateError
 
 
-def format_chat(tokenizer, prompts: list[str], system: str | None = None) -> list[str]:
-    """Render user prompts through the tokenizer's chat template, ready for the reply."""
-    rendered = []
-    for prompt in prompts:
-        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-        rendered.append(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
-    return rendered
+ChatInput = str | tuple[tuple[str, str], ...]
+"""One prompt: a user message alone (under the model's default system prompt), or a
+conversation as (role, content) messages ending in the user's turn (``Prompt.chat``)."""
 
 
-def encode_chat(tokenizer, prompts: list[str], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+def messages_of(prompt: ChatInput) -> list[dict[str, str]]:
+    """The chat template's message list for one prompt."""
+    if isinstance(prompt, str):
+        return [{"role": "user", "content": prompt}]
+    return [{"role": role, "content": content} for role, content in prompt]
+
+
+def user_text(prompt: ChatInput) -> str:
+    """The request itself: the text of the prompt's last user turn."""
+    return prompt if isinstance(prompt, str) else next(content for role, content in reversed(prompt) if role == "user")
+
+
+def fold_system(messages: list[dict[str, str]]) -> list[dict[str, str]]:
+    """Messages without a system role, its text prepended to the first user turn (for
+    templates, such as Gemma's, that reject a system message)."""
+    system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
+    rest = [dict(m) for m in messages if m["role"] != "system"]
+    if system:
+        rest[0]["content"] = f"{system}\n\n{rest[0]['content']}"
+    return rest
+
+
+def render(tokenizer, prompt: ChatInput) -> str:
+    """One prompt through the chat template, ready for the reply."""
+    messages = messages_of(prompt)
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    except TemplateError:  # raised by templates that reject a system role
+        if not any(m["role"] == "system" for m in messages):
+            raise
+        return tokenizer.apply_chat_template(fold_system(messages), tokenize=False, add_generation_prompt=True)
+
+
+def format_chat(tokenizer, prompts: list[ChatInput]) -> list[str]:
+    """Render prompts through the tokenizer's chat template, ready for the reply."""
+    return [render(tokenizer, prompt) for prompt in prompts]
+
+
+def encode_chat(tokenizer, prompts: list[ChatInput], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
     """Left-padded ``input_ids`` and ``attention_mask``, shape [batch, seq].
 
     The last position of every row is the last prompt token (left padding), so
@@ -28,7 +63,7 @@ def encode_chat(tokenizer, prompts: list[str], device: torch.device | str = "cpu
 
 
 @torch.no_grad()
-def reply_start_logits(model: torch.nn.Module, tokenizer, prompts: list[str], batch_size: int = 16,
+def reply_start_logits(model: torch.nn.Module, tokenizer, prompts: list[ChatInput], batch_size: int = 16,
                        on_batch: Callable[[], None] | None = None) -> torch.Tensor:
     """Logits at the last prompt token (they predict the first reply token): [n_prompts, vocab]
     on the CPU, float32 (float64 for a float64 model). ``on_batch`` is called after each batch."""
