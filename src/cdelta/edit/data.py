@@ -8,6 +8,9 @@ from collections.abc import Callable
 from cdelta.data.builtin import refusal_replies
 from cdelta.data.contexts import contextualize, harmless_requests
 from cdelta.data.prompts import HARMLESS, LOOKALIKE, PromptSet
+
+DOMAIN = "domain"
+"""Source name of the domain look-alikes (``data.builtin.load_domain``)."""
 from cdelta.generation import generate
 from cdelta.judge import Judge, judge_batch
 from cdelta.models.chat import ChatInput, user_text
@@ -44,12 +47,15 @@ def retain_prompts(prompts: PromptSet, targets: list[str], per_kind: dict[str, i
     """Train-split prompts the edit must leave alone.
 
     ``per_kind`` caps how many are drawn: keys ``harmless``, ``lookalike`` and
-    ``other`` (per other harmful category). Categories in ``targets`` are excluded
+    ``other`` (per other harmful category); domain look-alikes (source ``domain``: the
+    target's own field) are all kept. Categories in ``targets`` are excluded
     (with target ``lookalike``: no look-alikes, every harm category).
     """
     train = prompts.filter(split="train", exclude_category=targets)
+    lookalikes = train.filter(kind=LOOKALIKE)
     chosen = train.filter(kind=HARMLESS).sample(per_kind.get(HARMLESS, 0), seed).prompts
-    chosen += train.filter(kind=LOOKALIKE).sample(per_kind.get(LOOKALIKE, 0), seed).prompts
+    chosen += PromptSet(lookalikes.name, [p for p in lookalikes if p.source != DOMAIN]).sample(per_kind.get(LOOKALIKE, 0), seed).prompts
+    chosen += [p for p in lookalikes if p.source == DOMAIN]
     others = train.filter(kind="harmful")
     for category in others.categories():
         chosen += others.filter(category=category).sample(per_kind.get("other", 0), seed).prompts
