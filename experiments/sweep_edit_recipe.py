@@ -5,9 +5,9 @@ isolates the training recipe from the circuit choice. Prints validation refusal 
 group (target, other harmful, harmless, look-alike) for the base and each setting and
 scale k, judged on 16-token replies by the marker judge.
 
-    .venv/bin/python bench/sweep_edit_recipe.py --layers 14,18 --retain-other 12 1e-3:30:1
-    .venv/bin/python bench/sweep_edit_recipe.py --layers 14,18 --retain-other 42 --base 1e-3:30:3
-    .venv/bin/python bench/sweep_edit_recipe.py --circuit runs/smollm2-cyber/localize/cybercrime/circuit.json \
+    .venv/bin/python -m experiments.sweep_edit_recipe --layers 14,18 --retain-other 12 1e-3:30:1
+    .venv/bin/python -m experiments.sweep_edit_recipe --layers 14,18 --retain-other 42 --base 1e-3:30:3
+    .venv/bin/python -m experiments.sweep_edit_recipe --circuit runs/smollm2-cyber/localize/cybercrime/circuit.json \
         --spec params:0.04 --retain-other 42 --k 1,1.5 1e-3:60:3
 """
 

@@ -8,7 +8,7 @@ prompt of a set (default XSTest) and prints refusal per category and per kind: t
 trade-off one gate can reach on that set by threshold alone. A larger ``Δ`` shuts the gate
 on more prompts and shrinks its push everywhere (the push is proportional to the margin).
 
-    .venv/bin/python bench/gate_threshold_frontier.py runs/qwen-lift-pairs --shifts 0 1 2 4
+    .venv/bin/python -m experiments.gate_threshold_frontier runs/qwen-lift-pairs --shifts 0 1 2 4
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from cdelta.judge import get_judge
 from cdelta.models.architecture import mlp
 from cdelta.models.chat import encode_chat
 from cdelta.models.loading import load_model
-from gate_openings import host_of
+from experiments.gate_openings import host_of
 
 
 @torch.no_grad()

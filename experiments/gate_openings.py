@@ -13,7 +13,7 @@ activation is ≈ ``c·max(w·x − τ, 0)`` with ``c`` tens to hundreds, so clo
 near 0). Prints the fraction of open positions per set, the prompts open at their decision
 position, and the run's perplexity ratio.
 
-    .venv/bin/python bench/gate_openings.py runs/smollm2-gated
+    .venv/bin/python -m experiments.gate_openings runs/smollm2-gated
 """
 
 from __future__ import annotations
