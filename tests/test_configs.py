@@ -1,4 +1,4 @@
-"""The run configs that docs/results.md cites are valid run settings."""
+"""The run configs that the docs (results and notebook) cite are valid run settings."""
 
 from pathlib import Path
 
@@ -10,7 +10,8 @@ CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.toml"))
 
 
 def test_the_docs_cite_only_committed_configs():
-    docs = (Path(__file__).parent.parent / "docs" / "results.md").read_text()
+    root = Path(__file__).parent.parent / "docs"
+    docs = "\n".join(p.read_text() for p in [root / "results.md", *sorted((root / "notebook").glob("*.md"))])
     cited = {line.split("--config ")[1].split()[0] for line in docs.splitlines() if "--config configs/" in line}
     assert cited and cited <= {f"configs/{p.name}" for p in CONFIGS}
 
