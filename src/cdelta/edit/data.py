@@ -8,12 +8,12 @@ from collections.abc import Callable
 from cdelta.data.builtin import refusal_replies
 from cdelta.data.contexts import contextualize, harmless_requests
 from cdelta.data.prompts import HARMLESS, LOOKALIKE, PromptSet
-
-DOMAIN = "domain"
-"""Source name of the domain look-alikes (``data.builtin.load_domain``)."""
 from cdelta.generation import generate
 from cdelta.judge import Judge, judge_batch
 from cdelta.models.chat import ChatInput, user_text
+
+DOMAIN = "domain"
+"""Source name of the domain look-alikes (``data.builtin.load_domain``)."""
 
 Pair = tuple[ChatInput, str]
 """A (prompt, reply) training pair; the prompt is a ``Prompt.chat``."""
