@@ -323,7 +323,7 @@ def test_shared_csvs_reuse_public_mapping(jbb, strongreject):
 
 
 def test_registry_names(monkeypatch):
-    names = {"builtin", "twins", "pairs", "strongreject", "jailbreakbench", "uncensorbench", "rho-overrefusal", "harmbench"}
+    names = {"builtin", "twins", "pairs", "domain", "strongreject", "jailbreakbench", "uncensorbench", "rho-overrefusal", "harmbench"}
     assert set(registry.SOURCES) == names
     assert all(registry.SOURCES.values())
     assert len(registry.load_source("JailbreakBench")) == 100

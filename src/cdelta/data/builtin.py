@@ -78,6 +78,24 @@ def load_pairs(split_seed: int = 0) -> PromptSet:
     return PromptSet("pairs", prompts)
 
 
+@lru_cache(maxsize=4)
+def load_domain(split_seed: int = 0) -> PromptSet:
+    """Project-written benign requests from each harm category's own field
+    (``domain.jsonl``): the prompts an edit that refuses that category must still answer
+    (security hardening and how attacks work for cybercrime; firearm safety, hunting and
+    military history for weapons; dosing, interactions, harm reduction and addiction help
+    for drugs; scam prevention and identity-theft recovery for fraud; the history of hate
+    movements, counter-speech and moderation for hate; protecting one's own data for privacy).
+
+    Category and kind ``lookalike``, ``source_category`` the harm category whose field the
+    request comes from; split by ``assign_split`` of its id.
+    """
+    return PromptSet("domain", [
+        Prompt(r["id"], r["text"], LOOKALIKE, LOOKALIKE, "domain", assign_split(r["id"], split_seed), r["category"])
+        for r in _read_jsonl("domain.jsonl")
+    ])
+
+
 @lru_cache(maxsize=1)
 def refusal_replies() -> dict[str, list[str]]:
     """Project-written refusal replies per harm category (plus ``generic``)."""
