@@ -179,3 +179,16 @@ def test_pipeline_trains_in_contexts_and_keys_the_edit_on_them(tiny_llama_dir, t
     assert any(isinstance(prompt, list) and prompt[0][0] == "system" for prompt, _ in retain)
     assert (tmp_path / "ctx" / "delta.safetensors").read_bytes() != (tmp_path / "plain" / "delta.safetensors").read_bytes()
     assert set(results["edited"]["contexts"]) == {"system"} and "context_range" in results["base"]
+
+
+def test_domain_lookalikes_of_the_target_are_all_retained_and_nothing_else_changes():
+    from cdelta.edit.data import retain_prompts
+    from cdelta.pipeline import run_prompts
+
+    counts = {"harmless": 8, "lookalike": 6, "other": 2}
+    plain = retain_prompts(run_prompts(["cybercrime"]), ["cybercrime"], counts)
+    with_domain = retain_prompts(run_prompts(["cybercrime"], domain=True), ["cybercrime"], counts)
+    added = [p for p in with_domain if p.source == "domain"]
+    assert [p for p in with_domain if p.source != "domain"] == plain.prompts, "the other retain draws are unchanged"
+    assert added and all(p.source_category == "cybercrime" and p.split == "train" for p in added)
+    assert not [p for p in run_prompts(["cybercrime"], domain=True) if p.source == "domain" and p.split == "test"]
