@@ -8,9 +8,7 @@ import math
 import pytest
 import torch
 
-from cdelta.compare.base import MethodContext
-from cdelta.data.prompts import HARMLESS, LOOKALIKE, Prompt, PromptSet
-from cdelta.directions.probes import (
+from cdelta.baselines.probes import (
     FORCED_FLOOR,
     ProbeRouter,
     best_f1_threshold,
@@ -22,6 +20,8 @@ from cdelta.directions.probes import (
     reply_token_ids,
     roc_auc,
 )
+from cdelta.compare.base import MethodContext
+from cdelta.data.prompts import HARMLESS, LOOKALIKE, Prompt, PromptSet
 from cdelta.edit.refusal_tokens import (
     RefusalTokens,
     export_refusal_tokens,

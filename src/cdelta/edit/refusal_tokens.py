@@ -52,7 +52,7 @@ from pathlib import Path
 import torch
 
 from cdelta.data.prompts import HARMLESS, LOOKALIKE, PromptSet
-from cdelta.directions.probes import (
+from cdelta.baselines.probes import (
     RoutedReplyHooks,
     best_f1_threshold,
     classification_metrics,

@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 
 from cdelta.data.prompts import HARMLESS, LOOKALIKE, PromptSet
-from cdelta.directions.cast import f1_table, is_prompt_pass
+from cdelta.baselines.cast import f1_table, is_prompt_pass
 from cdelta.directions.vectors import Position, collect_prompt_activations, masked_mean
 from cdelta.errors import CdeltaError
 from cdelta.evaluate import limit_per_category

@@ -1,0 +1,12 @@
+"""The comparison methods that are not C-Δθ: each baseline in its own module.
+
+* ``steering`` — ActAdd and directional ablation (Arditi et al. 2024) as weight edits
+  (their hook forms are core: ``cdelta.directions.hooks``);
+* ``cast`` — CAST, conditional activation steering (Lee et al. 2025);
+* ``ot`` — Gaussian optimal-transport refusal ablation (Nanfack et al. 2026);
+* ``spectral`` — SRA, surgical refusal ablation (Cristofano 2026);
+* ``probes`` — a linear probe with a detect-then-route refuser.
+
+``cdelta compare`` wraps each in a method adapter (``cdelta.compare.methods``). The core
+(localization, the edit, the pipeline) never imports this package. See docs/baselines.md.
+"""
