@@ -35,7 +35,7 @@ empty or absent KV cache): the probe scores the pooled activation at its layer, 
 flagged sequences get a fixed refusal reply by forcing the output logits, step by step,
 to the reply's tokens (then EOS). Unflagged sequences are untouched (bit-identical to
 the base); on exit every hook is removed. ``RoutedReplyHooks`` is the reusable part
-(prompt-pass detection and forcing), shared with ``cdelta.edit.refusal_tokens``.
+(prompt-pass detection and forcing), shared with ``cdelta.baselines.refusal_tokens``.
 """
 
 from __future__ import annotations

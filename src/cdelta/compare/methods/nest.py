@@ -2,7 +2,7 @@
 
 Safety neurons are found on the train split (target-category harmful vs as many harmless
 prompts), clustered, and tuned toward refusal replies with the same retain data and
-steps as C-Δθ but NeST's own learning rate (``NestConfig.lr``; ``cdelta.neurons.nest``);
+steps as C-Δθ but NeST's own learning rate (``NestConfig.lr``; ``cdelta.baselines.nest``);
 the scale k of the update is chosen on the validation split with C-Δθ's rule. Options:
 any ``RunConfig`` field (``steps``, ``k``, ``judge``...) and ``nest.<field>`` for
 ``NestConfig`` (``nest.z_threshold``, ``nest.max_neurons``, ``nest.n_clusters``,
@@ -27,7 +27,7 @@ from cdelta.edit.train import EditData
 from cdelta.errors import CdeltaError
 from cdelta.io import atomic_write_json
 from cdelta.models.architecture import architecture_of
-from cdelta.neurons.nest import NestConfig, find_safety_neurons, nest_delta
+from cdelta.baselines.nest import NestConfig, find_safety_neurons, nest_delta
 from cdelta.stages import fingerprint
 
 TUNING_DIR = "selective-tuning"

@@ -67,7 +67,3 @@ def merge_masks(*mask_sets: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             merged[name] = merged[name] | mask if name in merged else mask.clone()
     return merged
 
-
-def count_masked(masks: dict[str, torch.Tensor]) -> int:
-    """Number of parameter entries selected by ``masks``."""
-    return int(sum(int(mask.sum()) for mask in masks.values()))
