@@ -371,7 +371,7 @@ def test_compare_methods_fit_edit_a_copy_and_count_changed_entries(tok, tmp_path
 
 
 def test_unknown_method_option_is_a_clear_error(tok, tmp_path):
-    from cdelta.compare.methods.nest import method_config
+    from cdelta.compare.tuning import method_config
 
     lm = LoadedModel(make_model("llama", vocab_size=len(tok)), tok, "tiny", None, "0" * 64)
     context = MethodContext(lm, load_builtin(), "cybercrime", 0, tmp_path, options={"nest.zz": 1})
