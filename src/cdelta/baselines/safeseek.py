@@ -62,12 +62,13 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from cdelta.baselines.neurons import merge_masks, neuron_ids, neuron_param_masks, parse_neuron_ids
+from cdelta.baselines.neurons import neuron_ids, neuron_param_masks, parse_neuron_ids
 from cdelta.circuits.attribution import frozen
 from cdelta.circuits.circuit import node_param_slices
 from cdelta.circuits.metric import LogOddsMetric
 from cdelta.directions.vectors import generation_position_ids
 from cdelta.edit.delta import Delta
+from cdelta.edit.masks import merge_masks
 from cdelta.edit.train import EditData, TrainConfig, masked_finetune
 from cdelta.errors import CdeltaError
 from cdelta.models.architecture import Architecture, architecture_of, head_output_proj, mlp
