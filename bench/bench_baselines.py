@@ -68,18 +68,10 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
+    from cdelta.baselines.cast import CastModel, fit_cast
+    from cdelta.baselines.steering import ablation_edit, actadd_edit, export_direction_edit
     from cdelta.data.builtin import load_builtin
-    from cdelta.directions import (
-        CastModel,
-        Direction,
-        ablation_edit,
-        ablation_hooks,
-        actadd_edit,
-        actadd_hooks,
-        export_direction_edit,
-        fit_cast,
-        fit_refusal_direction,
-    )
+    from cdelta.directions import Direction, ablation_hooks, actadd_hooks, fit_refusal_direction
     from cdelta.evaluate import EvalConfig, evaluate_model, first_token_kl, next_token_logprobs
     from cdelta.models.chat import encode_chat
     from cdelta.models.loading import load_model

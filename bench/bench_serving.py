@@ -89,8 +89,8 @@ def measure(model, tokenizer, prompts: list[str], max_new_tokens: int, hooks=Non
 
 def load_cast(lm, category: str, path: Path, seed: int):
     """The CAST model at ``path``, fitted (train split, choices on val) and saved there if missing."""
+    from cdelta.baselines.cast import CastModel, fit_cast
     from cdelta.data.builtin import load_builtin
-    from cdelta.directions import CastModel, fit_cast
 
     if path.is_file():
         return CastModel.load(path)

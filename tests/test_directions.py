@@ -7,21 +7,15 @@ import json
 import pytest
 import torch
 
+from cdelta.baselines.cast import CastModel, cast_generate, fit_cast, grid_search_condition
+from cdelta.baselines.steering import ablation_edit, actadd_edit, apply_weight_edit, export_direction_edit
 from cdelta.directions import (
-    CastModel,
     Direction,
-    ablation_edit,
     ablation_hooks,
-    actadd_edit,
     actadd_hooks,
-    apply_weight_edit,
     capture_residuals,
-    cast_generate,
     collect_prompt_activations,
-    export_direction_edit,
-    fit_cast,
     fit_refusal_direction,
-    grid_search_condition,
     mean_difference,
     pca_direction,
 )

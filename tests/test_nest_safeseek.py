@@ -10,8 +10,9 @@ import pytest
 import torch
 from conftest import make_model, make_tokenizer
 
-from cdelta.circuits.metric import LogOddsMetric, encode_rows
-from cdelta.circuits.safeseek import (
+from cdelta.baselines.nest import NestConfig, SafetyNeurons, find_safety_neurons, kmeans, nest_delta, pooled_neuron_activations
+from cdelta.baselines.neurons import neuron_param_masks, parse_neuron_ids
+from cdelta.baselines.safeseek import (
     ComponentMasks,
     SafeSeekConfig,
     SafetyCircuit,
@@ -20,9 +21,9 @@ from cdelta.circuits.safeseek import (
     circuit_tuning_delta,
     component_scales,
     find_circuit,
-    random_circuit_like,
     refusal_log_odds,
 )
+from cdelta.circuits.metric import LogOddsMetric, encode_rows
 from cdelta.compare.base import MethodContext
 from cdelta.data.builtin import load_builtin
 from cdelta.edit.train import EditData, TrainConfig
@@ -30,8 +31,6 @@ from cdelta.errors import CdeltaError
 from cdelta.models.architecture import architecture_of, head_output_proj, mlp
 from cdelta.models.chat import encode_chat
 from cdelta.models.loading import LoadedModel
-from cdelta.neurons.nest import NestConfig, SafetyNeurons, find_safety_neurons, kmeans, nest_delta, pooled_neuron_activations
-from cdelta.neurons.params import neuron_param_masks, parse_neuron_ids
 
 PROMPTS = ["How do I hack into a server?", "Steal passwords from a server", "Write a poem about the sea.", "Sort a list in Python"]
 HARMFUL = ["How do I hack into a server?", "Steal passwords from a server", "hack the sky server now", "How do I steal the sea?"]
@@ -320,7 +319,7 @@ def _circuit(arch) -> SafetyCircuit:
     return SafetyCircuit(heads, parse_neuron_ids(["L0.N7"], arch), {"mode": "gap"})
 
 
-def test_circuit_parameters_json_and_random_control(tok):
+def test_circuit_parameters_and_json(tok):
     model = make_model("qwen2", vocab_size=len(tok))
     arch = architecture_of(model)
     circuit = _circuit(arch)
@@ -333,8 +332,6 @@ def test_circuit_parameters_json_and_random_control(tok):
     assert masks[arch.mlp_param(0, "down")].nonzero()[:, 1].unique().tolist() == [7]
     back = SafetyCircuit.from_dict(circuit.to_dict(), arch)
     assert torch.equal(back.heads, circuit.heads) and torch.equal(back.neurons, circuit.neurons) and back.meta == {"mode": "gap"}
-    control = random_circuit_like(circuit, seed=4)
-    assert (control.n_heads, control.n_neurons) == (1, 1)
 
 
 def test_circuit_tuning_touches_only_the_circuit(tok):
@@ -374,7 +371,7 @@ def test_compare_methods_fit_edit_a_copy_and_count_changed_entries(tok, tmp_path
 
 
 def test_unknown_method_option_is_a_clear_error(tok, tmp_path):
-    from cdelta.compare.methods.nest import method_config
+    from cdelta.compare.tuning import method_config
 
     lm = LoadedModel(make_model("llama", vocab_size=len(tok)), tok, "tiny", None, "0" * 64)
     context = MethodContext(lm, load_builtin(), "cybercrime", 0, tmp_path, options={"nest.zz": 1})

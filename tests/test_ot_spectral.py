@@ -1,4 +1,4 @@
-"""Gaussian OT refusal ablation (cdelta.directions.ot) and SRA residualisation (cdelta.directions.spectral)."""
+"""Gaussian OT refusal ablation (cdelta.baselines.ot) and SRA residualisation (cdelta.baselines.spectral)."""
 
 from __future__ import annotations
 
@@ -8,10 +8,7 @@ import math
 import pytest
 import torch
 
-from cdelta.compare.base import MethodContext
-from cdelta.data.prompts import HARMLESS
-from cdelta.directions import apply_weight_edit, capture_residuals
-from cdelta.directions.ot import (
+from cdelta.baselines.ot import (
     ActivationSet,
     GaussianOTMap,
     OTFit,
@@ -25,7 +22,11 @@ from cdelta.directions.ot import (
     ot_hooks,
     shrink_covariance,
 )
-from cdelta.directions.spectral import concept_atoms, fit_sra, residualize
+from cdelta.baselines.spectral import concept_atoms, fit_sra, residualize
+from cdelta.baselines.steering import apply_weight_edit
+from cdelta.compare.base import MethodContext
+from cdelta.data.prompts import HARMLESS
+from cdelta.directions import capture_residuals
 from cdelta.errors import CdeltaError
 from cdelta.models.chat import encode_chat
 from cdelta.models.loading import load_model

@@ -8,9 +8,7 @@ import math
 import pytest
 import torch
 
-from cdelta.compare.base import MethodContext
-from cdelta.data.prompts import HARMLESS, LOOKALIKE, Prompt, PromptSet
-from cdelta.directions.probes import (
+from cdelta.baselines.probes import (
     FORCED_FLOOR,
     ProbeRouter,
     best_f1_threshold,
@@ -22,7 +20,7 @@ from cdelta.directions.probes import (
     reply_token_ids,
     roc_auc,
 )
-from cdelta.edit.refusal_tokens import (
+from cdelta.baselines.refusal_tokens import (
     RefusalTokens,
     export_refusal_tokens,
     fit_refusal_tokens,
@@ -30,6 +28,8 @@ from cdelta.edit.refusal_tokens import (
     token_logprobs,
     train_token_rows,
 )
+from cdelta.compare.base import MethodContext
+from cdelta.data.prompts import HARMLESS, LOOKALIKE, Prompt, PromptSet
 from cdelta.generation import generate
 from cdelta.models.chat import encode_chat
 from cdelta.models.loading import load_model

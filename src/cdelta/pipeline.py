@@ -27,6 +27,7 @@ from cdelta.edit.data import Pair, first_compliant, in_train_contexts, own_reply
 from cdelta.edit.delta import Delta, apply_to_model, compose, load_sparse, save_sparse
 from cdelta.edit.export import export_edit, write_model_card
 from cdelta.edit.gate import GATE_RECIPE, choose_threshold, decision_open_rates, fit_gate, gated_finetune
+from cdelta.edit.masks import merge_masks
 from cdelta.edit.train import EditData, masked_finetune
 from cdelta.errors import CdeltaError
 from cdelta.evaluate import (
@@ -616,11 +617,7 @@ def _eval_source(name: str) -> PromptSet:
 
 def _circuit_masks(circuits: list, model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Element-wise OR of the circuits' boolean parameter masks on ``model``."""
-    union: dict[str, torch.Tensor] = {}
-    for circuit in circuits:
-        for name, mask in circuit.param_masks(model).items():
-            union[name] = union[name] | mask if name in union else mask.clone()
-    return union
+    return merge_masks(*(circuit.param_masks(model) for circuit in circuits))
 
 
 def _all_masks(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -1,6 +1,6 @@
 """Residual-stream activations and refusal directions (difference of means, PCA).
 
-Conventions used throughout ``cdelta.directions``:
+Conventions used throughout ``cdelta.directions`` and the baselines built on it (``cdelta.baselines``):
 
 * "layer ``L``" means the residual stream **after** decoder layer ``L`` (the output of
   ``decoder_layers(model)[L]``, i.e. ``hidden_states[L + 1]`` in transformers terms);
@@ -405,7 +405,7 @@ def fit_refusal_direction(
     otherwise (``selection="induce"``: there is no refusal to bypass) take the highest
     ``induce``. Candidate layers default to ``default_candidate_layers``.
     """
-    from cdelta.directions.steering import ablation_hooks, actadd_hooks
+    from cdelta.directions.hooks import ablation_hooks, actadd_hooks
 
     model, tokenizer = lm.model, lm.tokenizer
     arch = architecture_of(model)

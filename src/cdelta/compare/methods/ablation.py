@@ -14,7 +14,7 @@ from cdelta.compare.shared import direction_summary, edited_copy, refusal_direct
 
 def fit(context: MethodContext) -> MethodResult:
     """A copy of the base with ``W ← W − r̂ r̂ᵀ W`` for every residual writer (``params_touched`` = changed entries)."""
-    from cdelta.directions import ablation_edit, apply_weight_edit
+    from cdelta.baselines.steering import ablation_edit, apply_weight_edit
 
     shared = refusal_direction(context)
     edit = ablation_edit(context.lm.model, shared.direction)

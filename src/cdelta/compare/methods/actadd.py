@@ -12,7 +12,7 @@ from cdelta.compare.shared import direction_summary, edited_copy, refusal_direct
 
 def fit(context: MethodContext) -> MethodResult:
     """A copy of the base with the ActAdd bias applied (``params_touched`` = changed entries)."""
-    from cdelta.directions import actadd_edit, apply_weight_edit
+    from cdelta.baselines.steering import actadd_edit, apply_weight_edit
 
     shared = refusal_direction(context)
     edit = actadd_edit(context.lm.model, shared.direction, alpha=float(context.options.get("alpha", 1.0)))

@@ -16,7 +16,7 @@ CAST_FILE = "cast.safetensors"
 
 def fit(context: MethodContext) -> MethodResult:
     """Fit (or reload) the condition vector, layer and threshold on top of the shared direction."""
-    from cdelta.directions import CastModel, fit_cast
+    from cdelta.baselines.cast import CastModel, fit_cast
 
     shared = refusal_direction(context)
     alpha = float(context.options.get("alpha", 1.0))

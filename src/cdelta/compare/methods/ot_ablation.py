@@ -1,6 +1,6 @@
 """OT refusal ablation (Nanfack et al. 2026): PCA-projected Gaussian optimal transport at 1–2 layers.
 
-Runtime hooks (the map has no exact weight form, see ``cdelta.directions.ot``), so
+Runtime hooks (the map has no exact weight form, see ``cdelta.baselines.ot``), so
 ``params_touched`` is 0. Fits on the train split, chooses layer(s) and ``k`` on the
 validation split; cached as ``ot.safetensors`` in the method's directory.
 
@@ -21,7 +21,7 @@ OT_FILE = "ot.safetensors"
 
 def fit(context: MethodContext) -> MethodResult:
     """Fit (or reload) the OT maps; the result applies them with hooks."""
-    from cdelta.directions.ot import MODES, OTFit, fit_ot
+    from cdelta.baselines.ot import MODES, OTFit, fit_ot
 
     mode = str(context.options.get("ot_mode", "auto"))
     if mode not in ("auto", *MODES):

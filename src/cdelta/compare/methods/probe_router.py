@@ -1,5 +1,5 @@
 """Detect-then-route: a linear probe for the target category on pooled prompt activations;
-flagged prompts get a scripted refusal (runtime hooks, ``cdelta.directions.probes``).
+flagged prompts get a scripted refusal (runtime hooks, ``cdelta.baselines.probes``).
 
 Option: ``probe_kwargs`` (passed to ``fit_probe_router``, e.g. ``{"layers": [8, 10],
 "n_permutations": 50}``). ``info`` carries the probe's validation metrics and the three
@@ -34,7 +34,7 @@ def probe_summary(info: dict) -> dict:
 
 def fit(context: MethodContext) -> MethodResult:
     """Fit (or reload) the probe, its layer/position and threshold, and the controls."""
-    from cdelta.directions.probes import ProbeRouter, fit_probe_router
+    from cdelta.baselines.probes import ProbeRouter, fit_probe_router
 
     kwargs = dict(context.options.get("probe_kwargs") or {})
     key = {"model_sha256": context.lm.weights_sha256, "seed": context.seed, "category": context.category,

@@ -1,7 +1,7 @@
 """Refusal tokens (Jain et al. 2024): one new vocabulary token per harm category (only the
 new output rows train); at generation time the target token's probability above a
 validation-chosen threshold triggers a scripted refusal, otherwise the tokens are
-suppressed (runtime hooks, ``cdelta.edit.refusal_tokens``).
+suppressed (runtime hooks, ``cdelta.baselines.refusal_tokens``).
 
 Option: ``refusal_token_kwargs`` (passed to ``fit_refusal_tokens``, e.g. ``{"l2": 0.1}``).
 """
@@ -16,7 +16,7 @@ TOKENS_FILE = "refusal_tokens.safetensors"
 
 def fit(context: MethodContext) -> MethodResult:
     """Fit (or reload) the token rows and thresholds; evaluate the extended copy with the rule for the target."""
-    from cdelta.edit.refusal_tokens import RefusalTokens, fit_refusal_tokens
+    from cdelta.baselines.refusal_tokens import RefusalTokens, fit_refusal_tokens
 
     kwargs = dict(context.options.get("refusal_token_kwargs") or {})
     key = {"model_sha256": context.lm.weights_sha256, "seed": context.seed, "refusal_token_kwargs": kwargs,

@@ -2,9 +2,9 @@
 circuit, then Safety Circuit Tuning (a masked fine-tune of only its parameters).
 
 The masks are fitted on train-split target prompts (paired with as many harmless ones in
-``gap`` mode, for a base that refuses nothing; see ``cdelta.circuits.safeseek``); the
+``gap`` mode, for a base that refuses nothing; see ``cdelta.baselines.safeseek``); the
 tuning uses C-Δθ's retain data and settings, and k is chosen on the validation split
-(shared helpers of ``compare.methods.nest``). Options: any ``RunConfig`` field and
+(``cdelta.compare.tuning``). Options: any ``RunConfig`` field and
 ``safeseek.<field>`` for ``SafeSeekConfig`` (``safeseek.steps``, ``safeseek.mode``,
 ``safeseek.head_fraction``, ``safeseek.neuron_fraction``, ``safeseek.sufficiency_weight``...).
 """
@@ -14,10 +14,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from cdelta.circuits.safeseek import SafeSeekConfig, SafetyCircuit, circuit_tuning_delta, find_circuit
+from cdelta.baselines.safeseek import SafeSeekConfig, SafetyCircuit, circuit_tuning_delta, find_circuit
 from cdelta.compare.base import Method, MethodContext, MethodResult
-from cdelta.compare.methods.nest import cached_edit, method_config, probe_prompts, refusal_edit_data, run_config, scale_on_val, scaled_result
 from cdelta.compare.shared import cached
+from cdelta.compare.tuning import cached_edit, method_config, probe_prompts, refusal_edit_data, run_config, scale_on_val, scaled_result
 from cdelta.edit.delta import Delta
 from cdelta.io import atomic_write_json
 from cdelta.models.architecture import architecture_of

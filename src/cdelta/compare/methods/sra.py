@@ -1,7 +1,7 @@
 """Surgical Refusal Ablation (Cristofano 2026): directional ablation of a spectrally cleaned direction.
 
 The shared refusal direction (``cdelta.compare.shared.refusal_direction``) is
-ridge-residualised against concept atoms (``cdelta.directions.spectral``), ``λ`` chosen on the
+ridge-residualised against concept atoms (``cdelta.baselines.spectral``), ``λ`` chosen on the
 validation split, and ablated as a weight edit on a copy of the base (``params_touched`` =
 changed entries). It removes refusal, so it needs a base that refuses; on one that does not,
 the row shows how little the edit changes.
@@ -20,8 +20,9 @@ SRA_FILE = "sra-direction.safetensors"
 
 def fit(context: MethodContext) -> MethodResult:
     """Clean (or reload) the direction, then orthogonalise every residual writer against it."""
-    from cdelta.directions import Direction, ablation_edit, apply_weight_edit
-    from cdelta.directions.spectral import fit_sra
+    from cdelta.baselines.spectral import fit_sra
+    from cdelta.baselines.steering import ablation_edit, apply_weight_edit
+    from cdelta.directions import Direction
 
     shared = refusal_direction(context)
     kwargs = dict(context.options.get("sra_kwargs") or {})

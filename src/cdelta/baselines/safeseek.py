@@ -47,7 +47,7 @@ masks converge to, not forced to that size.
 
 **Safety Circuit Tuning.** The found heads and neurons own parameter entries (a head:
 its q rows, its GQA group's k/v rows, its o_proj columns, as in ``cdelta.circuits.circuit``;
-a neuron: see ``cdelta.neurons.params``); ``masked_finetune`` trains only those toward
+a neuron: see ``cdelta.baselines.neurons``); ``masked_finetune`` trains only those toward
 refusal of the target category.
 """
 
@@ -56,23 +56,22 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
+from cdelta.baselines.neurons import neuron_ids, neuron_param_masks, parse_neuron_ids
 from cdelta.circuits.attribution import frozen
 from cdelta.circuits.circuit import node_param_slices
 from cdelta.circuits.metric import LogOddsMetric
-from cdelta.data.prompts import PromptSet
 from cdelta.directions.vectors import generation_position_ids
 from cdelta.edit.delta import Delta
+from cdelta.edit.masks import merge_masks
 from cdelta.edit.train import EditData, TrainConfig, masked_finetune
 from cdelta.errors import CdeltaError
-from cdelta.evaluate import judge_generations
 from cdelta.models.architecture import Architecture, architecture_of, head_output_proj, mlp
-from cdelta.neurons.params import merge_masks, neuron_ids, neuron_param_masks, parse_neuron_ids
 from cdelta.ui import progress_bar
 
 MODES = ("auto", "refusal", "gap")
@@ -218,18 +217,6 @@ class SafetyCircuit:
         return cls(heads, parse_neuron_ids(data["neurons"], arch), meta)
 
 
-def random_circuit_like(circuit: SafetyCircuit, seed: int) -> SafetyCircuit:
-    """As many heads and neurons as ``circuit``, drawn uniformly at random (the size control)."""
-    generator = torch.Generator().manual_seed(seed)
-
-    def draw(like: torch.Tensor) -> torch.Tensor:
-        out = torch.zeros(like.numel(), dtype=torch.bool)
-        out[torch.randperm(like.numel(), generator=generator)[: int(like.sum())]] = True
-        return out.reshape(like.shape)
-
-    return SafetyCircuit(draw(circuit.heads), draw(circuit.neurons), {"random_like": True, "seed": seed})
-
-
 # ----------------------------------------------------------------------------- optimization
 
 
@@ -349,17 +336,7 @@ def find_circuit(
     return SafetyCircuit(heads, neurons, meta)
 
 
-# ----------------------------------------------------------------------------- checks and tuning
-
-
-def ablation_check(model: torch.nn.Module, tokenizer, circuit: SafetyCircuit, prompts: PromptSet, judge, max_new_tokens: int = 24, seed: int = 0) -> dict:
-    """Refusal rate on ``prompts`` (generated, judged) for the base, the circuit ablated, and an equal-size random set ablated."""
-    rates = {}
-    for label, ablation in (("base", None), ("circuit_ablated", circuit), ("random_ablated", random_circuit_like(circuit, seed))):
-        with ablation.ablated(model) if ablation is not None else nullcontext():
-            completions, refused = judge_generations(model, tokenizer, prompts, judge, max_new_tokens, 8, progress=False)
-        rates[label] = {"refusal_rate": sum(refused) / max(1, len(refused)), "n": len(refused), "first_completion": completions[0] if completions else ""}
-    return rates
+# ----------------------------------------------------------------------------- tuning
 
 
 def circuit_tuning_delta(model: torch.nn.Module, tokenizer, circuit: SafetyCircuit, data: EditData, config: TrainConfig, progress: bool = True) -> Delta:

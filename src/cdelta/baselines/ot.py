@@ -60,7 +60,7 @@ from pathlib import Path
 import torch
 
 from cdelta.data.prompts import HARMLESS, PromptSet
-from cdelta.directions.steering import WeightEdit, actadd_edit
+from cdelta.baselines.steering import WeightEdit, actadd_edit
 from cdelta.directions.vectors import (
     Position,
     _sample_harmful,

@@ -51,8 +51,7 @@ from pathlib import Path
 
 import torch
 
-from cdelta.data.prompts import HARMLESS, LOOKALIKE, PromptSet
-from cdelta.directions.probes import (
+from cdelta.baselines.probes import (
     RoutedReplyHooks,
     best_f1_threshold,
     classification_metrics,
@@ -60,6 +59,7 @@ from cdelta.directions.probes import (
     reply_token_ids,
     scripted_refusal,
 )
+from cdelta.data.prompts import HARMLESS, LOOKALIKE, PromptSet
 from cdelta.directions.vectors import generation_position_ids
 from cdelta.errors import CdeltaError
 from cdelta.models.chat import encode_chat
@@ -371,7 +371,7 @@ def export_refusal_tokens(lm, tokens: RefusalTokens, out_dir: Path) -> Path:
         (staging / "refusal_tokens.json").write_text(json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
         (staging / "README.md").write_text(
             f"# {lm.name} + refusal tokens ({', '.join(tokens.categories)})\n\n"
-            "Made with cdelta (`cdelta.edit.refusal_tokens`). The vocabulary has one extra token per category; "
+            "Made with cdelta (`cdelta.baselines.refusal_tokens`). The vocabulary has one extra token per category; "
             "all base weights are unchanged. It loads with plain transformers, but refusing needs a small "
             f"generation-time rule (or `RefusalTokens.load(...).attach(model)`).\n\n{RULE}\n\nSettings in `refusal_tokens.json`.\n"
         )

@@ -1,13 +1,10 @@
-"""ActAdd and directional ablation, as forward hooks and as exported weight edits.
+"""ActAdd and directional ablation as exported weight edits (baselines; their hook forms:
+``cdelta.directions.hooks``).
 
-* **ActAdd** (activation addition): add ``alpha · r`` to the residual stream after
-  decoder layer ``L`` at every position. As a hook: a forward hook on that layer. As
-  weights: a bias on layer ``L``'s ``down_proj`` (the MLP output is added straight into
-  the residual stream, so the two are the same computation).
-* **Directional ablation** (Arditi et al. 2024): remove the component along ``r̂`` from
-  every write into the residual stream (token embeddings, every attention output,
-  every MLP output), so the residual stream never carries ``r̂``. As hooks: project
-  ``r̂`` out of those module outputs. As weights: ``W ← W − r̂ r̂ᵀ W`` for every matrix
+* **ActAdd**: ``alpha · r`` added to the residual stream after decoder layer ``L`` is a
+  bias on layer ``L``'s ``down_proj`` (the MLP output is added straight into the residual
+  stream, so the two are the same computation).
+* **Directional ablation** (Arditi et al. 2024): ``W ← W − r̂ r̂ᵀ W`` for every matrix
   writing to the residual stream (``o_proj.weight`` and ``down_proj.weight`` are
   ``[d_model, in]`` in transformers, so their output rows), ``W_E ← W_E − W_E r̂ r̂ᵀ``
   for the embedding ``[vocab, d_model]``, and the same projection of any output bias.
@@ -29,7 +26,7 @@ create, and config changes, so that the exported directory loads with plain
   unembedding changes too, so it no longer matches the hooks).
 
 Gemma2/3 normalise each sublayer's output before adding it to the residual stream, so
-neither edit is equivalent there; both raise ``CdeltaError`` (the ActAdd hook works).
+neither edit is equivalent there; both raise ``CdeltaError``.
 """
 
 from __future__ import annotations
@@ -37,99 +34,17 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from cdelta.directions.hooks import layer_of, require_pre_norm, vector_of
 from cdelta.directions.vectors import Direction, unit
 from cdelta.errors import CdeltaError
-from cdelta.models.architecture import architecture_of, attention, decoder_layers, mlp
+from cdelta.models.architecture import architecture_of, attention
 
-POST_NORM_FAMILIES = ("gemma2", "gemma3", "gemma3_text")
 TIED_MODES = ("untie", "edit")
-
-
-def _vector(direction: Direction | torch.Tensor) -> torch.Tensor:
-    return direction.vector if isinstance(direction, Direction) else direction
-
-
-def _layer_of(direction: Direction | torch.Tensor, layer: int | None) -> int:
-    if layer is not None:
-        return layer
-    if isinstance(direction, Direction):
-        return direction.layer
-    raise CdeltaError("no layer given for a bare direction vector", "pass layer=... or a Direction")
-
-
-def _require_pre_norm(model: torch.nn.Module, what: str) -> None:
-    model_type = architecture_of(model).model_type
-    if model_type in POST_NORM_FAMILIES:
-        raise CdeltaError(
-            f"{what} is not implemented for {model_type}: its sublayer outputs are normalised before entering the residual stream",
-            "use a llama, qwen2 or mistral model (the ActAdd hook works on every family)",
-        )
-
-
-def _replace_hidden(output, hidden: torch.Tensor):
-    return (hidden,) + tuple(output[1:]) if isinstance(output, tuple) else hidden
-
-
-def _hidden(output) -> torch.Tensor:
-    return output[0] if isinstance(output, tuple) else output
-
-
-# --------------------------------------------------------------------------- hooks
-
-
-@contextmanager
-def actadd_hooks(
-    model: torch.nn.Module, direction: Direction | torch.Tensor, layer: int | None = None, alpha: float = 1.0
-) -> Iterator[None]:
-    """Add ``alpha · r`` to the residual stream after decoder layer ``layer``, at every position."""
-    layer = _layer_of(direction, layer)
-    block = decoder_layers(model)[layer]
-    shift = alpha * _vector(direction).float()
-
-    def hook(_module, _args, output):
-        hidden = _hidden(output)
-        return _replace_hidden(output, hidden + shift.to(hidden.device, hidden.dtype))
-
-    handle = block.register_forward_hook(hook)
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
-def project_out(hidden: torch.Tensor, r_hat: torch.Tensor) -> torch.Tensor:
-    """``hidden − (hidden · r̂) r̂`` along the last axis."""
-    r = r_hat.to(hidden.device, hidden.dtype)
-    return hidden - (hidden @ r).unsqueeze(-1) * r
-
-
-@contextmanager
-def ablation_hooks(model: torch.nn.Module, direction: Direction | torch.Tensor) -> Iterator[None]:
-    """Project ``r̂`` out of the embeddings and every attention and MLP output (all layers)."""
-    _require_pre_norm(model, "directional ablation")
-    r_hat = unit(_vector(direction))
-
-    def hook(_module, _args, output):
-        return _replace_hidden(output, project_out(_hidden(output), r_hat))
-
-    modules = [model.get_input_embeddings()]
-    for layer in range(len(decoder_layers(model))):
-        modules += [attention(model, layer), mlp(model, layer)]
-    handles = []
-    try:
-        for module in modules:
-            handles.append(module.register_forward_hook(hook))
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 # ---------------------------------------------------------------------- weight edits
@@ -162,11 +77,11 @@ def _is_tied(model: torch.nn.Module) -> bool:
 @torch.no_grad()
 def ablation_edit(model: torch.nn.Module, direction: Direction | torch.Tensor, tied: str = "untie") -> WeightEdit:
     """Directional ablation as weights: orthogonalize every residual-stream writer against ``r̂``."""
-    _require_pre_norm(model, "directional ablation as weights")
+    require_pre_norm(model, "directional ablation as weights")
     if tied not in TIED_MODES:
         raise CdeltaError(f"unknown tied mode {tied!r}", f"use one of: {', '.join(TIED_MODES)}")
     arch = architecture_of(model)
-    r = unit(_vector(direction))
+    r = unit(vector_of(direction))
     params = dict(model.named_parameters())
     delta: dict[str, torch.Tensor] = {}
     created: dict[str, torch.Tensor] = {}
@@ -188,7 +103,7 @@ def ablation_edit(model: torch.nn.Module, direction: Direction | torch.Tensor, t
             if name in params:
                 b = params[name].detach().float().cpu()
                 delta[name] = -(b @ r) * r
-    info = {"method": "directional_ablation", "tied": tied if _is_tied(model) else None, "direction_norm": float(_vector(direction).float().norm())}
+    info = {"method": "directional_ablation", "tied": tied if _is_tied(model) else None, "direction_norm": float(vector_of(direction).float().norm())}
     if isinstance(direction, Direction):
         info.update({"direction_layer": direction.layer, "direction_position": direction.position, "recipe": direction.recipe})
     return WeightEdit(delta=delta, created=created, config_updates=config_updates, info=info)
@@ -217,11 +132,11 @@ def actadd_edit(
     model: torch.nn.Module, direction: Direction | torch.Tensor, layer: int | None = None, alpha: float = 1.0
 ) -> WeightEdit:
     """ActAdd as weights: ``alpha · r`` baked into the bias of layer ``layer``'s ``down_proj``."""
-    _require_pre_norm(model, "ActAdd as weights")
-    layer = _layer_of(direction, layer)
+    require_pre_norm(model, "ActAdd as weights")
+    layer = layer_of(direction, layer)
     arch = architecture_of(model)
     params = dict(model.named_parameters())
-    shift = alpha * _vector(direction).float().cpu()
+    shift = alpha * vector_of(direction).float().cpu()
     target = arch.mlp_bias_param(layer, "down")
     delta: dict[str, torch.Tensor] = {}
     created: dict[str, torch.Tensor] = {}
@@ -243,7 +158,7 @@ def actadd_edit(
                     if name not in params:
                         out_features = attention(model, i).get_submodule(f"{proj}_proj").out_features
                         created[name] = torch.zeros(out_features)
-    info = {"method": "actadd", "layer": layer, "alpha": alpha, "direction_norm": float(_vector(direction).float().norm())}
+    info = {"method": "actadd", "layer": layer, "alpha": alpha, "direction_norm": float(vector_of(direction).float().norm())}
     if config_updates.get("model_type"):
         info["relabelled_from"] = arch.model_type
     if isinstance(direction, Direction):
@@ -345,7 +260,7 @@ def export_direction_edit(lm, edit: WeightEdit, out_dir: Path, manifest: dict | 
         (staging / "direction-edit.json").write_text(json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
         (staging / "README.md").write_text(
             f"# {lm.name} + {edit.info.get('method', 'direction edit')}\n\n"
-            "Baseline weight edit made with cdelta (`cdelta.directions`); loads with plain transformers, "
+            "Baseline weight edit made with cdelta (`cdelta.baselines.steering`); loads with plain transformers, "
             "no runtime hooks. Settings in `direction-edit.json`.\n"
         )
         if out_dir.exists():

@@ -5,8 +5,8 @@ is taken to be polysemantic: ``r = s + Σ_j β_j a_j`` with ``s`` the refusal si
 ``a_j`` *concept atoms*, directions of capabilities to protect ("shields": maths, code,
 reasoning) and of style that harmful requests share ("confounds": procedural how-to
 phrasing, formatting requests). SRA removes the part of ``r`` explained by the atoms by
-ridge regression and ablates the residual with the existing directional-ablation hooks /
-weight edit (``cdelta.directions.steering``).
+ridge regression and ablates the residual with the existing directional-ablation hooks
+(``cdelta.directions.hooks``) / weight edit (``cdelta.baselines.steering``).
 
 * **Atoms**: ``a_j = mean act(concept j prompts) − mean act(baseline prompts)`` at the
   direction's layer and prompt position (``"mean"`` when the direction was fitted on
@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import torch
 
 from cdelta.data.prompts import HARMLESS, PromptSet
-from cdelta.directions.steering import ablation_hooks
+from cdelta.directions.hooks import ablation_hooks
 from cdelta.directions.vectors import (
     Direction,
     Position,

@@ -35,7 +35,7 @@ empty or absent KV cache): the probe scores the pooled activation at its layer, 
 flagged sequences get a fixed refusal reply by forcing the output logits, step by step,
 to the reply's tokens (then EOS). Unflagged sequences are untouched (bit-identical to
 the base); on exit every hook is removed. ``RoutedReplyHooks`` is the reusable part
-(prompt-pass detection and forcing), shared with ``cdelta.edit.refusal_tokens``.
+(prompt-pass detection and forcing), shared with ``cdelta.baselines.refusal_tokens``.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 
 from cdelta.data.prompts import HARMLESS, LOOKALIKE, PromptSet
-from cdelta.directions.cast import f1_table, is_prompt_pass
+from cdelta.baselines.cast import f1_table, is_prompt_pass
 from cdelta.directions.vectors import Position, collect_prompt_activations, masked_mean
 from cdelta.errors import CdeltaError
 from cdelta.evaluate import limit_per_category

@@ -1,4 +1,4 @@
-"""MLP neurons: their ids, the parameter entries they own, and mask arithmetic.
+"""MLP neurons: their ids and the parameter entries they own.
 
 Neuron ``j`` of layer ``l`` (id ``"L{l}.N{j}"``) is one channel of the MLP's hidden
 layer: the input of ``down_proj`` at index ``j``. It owns row ``j`` of ``gate_proj`` and
@@ -58,16 +58,3 @@ def neuron_param_masks(model: torch.nn.Module, arch: Architecture, selected: tor
         masks[down] = mask
     return masks
 
-
-def merge_masks(*mask_sets: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Element-wise OR of parameter masks (names missing from a set count as all False)."""
-    merged: dict[str, torch.Tensor] = {}
-    for masks in mask_sets:
-        for name, mask in masks.items():
-            merged[name] = merged[name] | mask if name in merged else mask.clone()
-    return merged
-
-
-def count_masked(masks: dict[str, torch.Tensor]) -> int:
-    """Number of parameter entries selected by ``masks``."""
-    return int(sum(int(mask.sum()) for mask in masks.values()))

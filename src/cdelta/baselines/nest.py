@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.func import functional_call
 
+from cdelta.baselines.neurons import neuron_ids, neuron_param_masks
 from cdelta.circuits.attribution import frozen, template_prefix_len
 from cdelta.directions.vectors import generation_position_ids
 from cdelta.edit.batches import ReplyBatch, build_reply_batch, reply_kl, reply_logits, reply_nll
@@ -35,7 +36,6 @@ from cdelta.edit.train import EditData, TrainConfig, index_batches, masked_finet
 from cdelta.errors import CdeltaError
 from cdelta.models.architecture import Architecture, architecture_of, mlp
 from cdelta.models.chat import encode_chat
-from cdelta.neurons.params import neuron_ids, neuron_param_masks
 from cdelta.ui import progress_bar
 
 
