@@ -397,6 +397,7 @@ def compare_cmd(
     mmlu_n: Annotated[int, typer.Option(help="MMLU questions in the fixed sample (0 to skip).")] = 100,
     refit: Annotated[bool, typer.Option("--refit", help="Refit every method and re-evaluate, ignoring cached rows and artifacts.")] = False,
     option: Annotated[Optional[list[str]], typer.Option("--option", help="KEY=VALUE passed to every method (repeatable).")] = None,
+    context: ContextOpt = None,
     seed: SeedOpt = 0,
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "float32",
@@ -405,6 +406,7 @@ def compare_cmd(
     """Fit every method on one model and category and evaluate them the same way on the test split."""
     from cdelta.compare.report import transposed_table
     from cdelta.compare.run import check_category, compare, resolve_methods
+    from cdelta.data.contexts import parse_contexts
     from cdelta.evaluate import EvalConfig
     from cdelta.models.loading import load_model
 
@@ -415,7 +417,8 @@ def compare_cmd(
     options = _parse_options(option or [])
     out_dir = out_dir or Path("runs") / f"compare-{Path(model).name}-{category}"
     log = _run_logger(out_dir / "compare.log")
-    config = EvalConfig("test", max_new_tokens=max_new_tokens, limit_per_category=limit_per_category, mmlu_n=mmlu_n, seed=seed)
+    config = EvalConfig("test", max_new_tokens=max_new_tokens, limit_per_category=limit_per_category, mmlu_n=mmlu_n, seed=seed,
+                        contexts=tuple(parse_contexts(context or ["plain"])))
     result = compare(load_model(model, device, dtype, device_map=device_map), category, names, out_dir, seed, config, refit, log, options)
     header, rows = transposed_table(result)
     table = Table(*header)

@@ -79,6 +79,9 @@ def transposed_table(result: dict) -> tuple[list[str], list[list[str]]]:
         body.append([f"{name} (n={rows[0][group]['n']})", *(f"{r[group]['refusal_rate']:.1%}" for r in rows)])
         body.append(["  95% CI", *(f"{r[group]['ci95'][0]:.0%}–{r[group]['ci95'][1]:.0%}" for r in rows)])
         body.append(["  Δ vs base", *(_delta(r[group], i == 0) for i, r in enumerate(rows))])
+        for context in rows[0].get("contexts", {}):
+            body.append([f"  {context}", *(f"{r['contexts'][context][group]['refusal_rate']:.1%}" if context in r.get("contexts", {}) else "–"
+                                           for r in rows)])
     body += [
         ["ppl ratio", *(f"{r['perplexity_ratio']:.3f}" for r in rows)],
         ["first-token KL", *(f"{r['first_token_kl']:.4f}" for r in rows)],

@@ -137,7 +137,8 @@ def group_stats(cells: dict[str, dict], category: str) -> dict[str, dict]:
     """Pooled refusal (rate, n, refusals, Wilson 95% CI) of each of ``GROUPS`` from per-category cells."""
     def pooled(select: Callable[[str, dict], bool], kind: str) -> dict:
         chosen = [c for name, c in cells.items() if select(name, c)]
-        stat = RefusalStat(sum(c["refusals"] for c in chosen), sum(c["n"] for c in chosen), kind)
+        stat = RefusalStat(sum(c["refusals"] for c in chosen), sum(c["n"] for c in chosen), kind,
+                           sum(c.get("garbled", 0) for c in chosen))
         return stat.to_json()
 
     return {
@@ -223,6 +224,8 @@ def _evaluate(job: _Job, method: Method, base_perplexity: float | None) -> dict:
         "needs_refusing_base": method.needs_refusing_base,
         **group_stats(cells, job.category),
         "per_category": cells,
+        **({"contexts": {name: group_stats(ctx["sets"][job.prompts.name], job.category)
+                         for name, ctx in evaluation["contexts"].items()}} if "contexts" in evaluation else {}),
         "perplexity": perplexity,
         "perplexity_ratio": perplexity / (base_perplexity or perplexity),
         "first_token_kl": first_token_kl(reference, logprobs),
