@@ -229,11 +229,6 @@ def evaluate_edge_circuits(
     return out
 
 
-def edge_circuit_sizes(arch: Architecture, fractions=EDGE_FRACTIONS) -> list[int]:
-    """Edge counts for each fraction of all edges: ``max(1, round(f · n_edges))``."""
-    return faith_mod.circuit_sizes(EdgeGraph.of(arch).n_edges, fractions)
-
-
 def edge_faithfulness_curve(
     model: torch.nn.Module,
     tokenizer,
