@@ -10,7 +10,7 @@ from conftest import CLEAN, CORRUPT, nonlinear_model, synthetic_prompts
 
 from cdelta.circuits import Circuit, fit_category_metric, get_metric, localize
 from cdelta.circuits.attribution import frozen, integrated_gradients, patch_metric, prepare_pair_batch
-from cdelta.circuits.edges import attribute_edges
+from cdelta.circuits.edge_attribution import attribute_edges
 from cdelta.circuits.hooks import ATTN, node_sites
 from cdelta.circuits.localize import make_pairs
 from cdelta.circuits.metric import encode_rows

@@ -9,20 +9,14 @@ import torch
 from scipy.stats import spearmanr
 from conftest import CLEAN, CORRUPT, circuit_prompts, nonlinear_model
 
+import cdelta.circuits.edge_patching as patching_mod
 import cdelta.circuits.edges as edges_mod
 from cdelta.circuits import Circuit, attribute, localize
 from cdelta.circuits.attribution import frozen, patch_metric, prepare_pair_batch
-from cdelta.circuits.circuit import node_param_slices
-from cdelta.circuits.edges import (
-    EdgeGraph,
-    attribute_edges,
-    component_param_slices,
-    edge_circuit,
-    edge_faithfulness_curve,
-    patch_edges,
-    select_edges,
-    writer_acts,
-)
+from cdelta.circuits.edge_attribution import EdgeAttribution, attribute_edges
+from cdelta.circuits.edge_patching import EdgeWeights, patch_edges, writer_acts
+from cdelta.circuits.edges import edge_circuit, edge_faithfulness_curve, select_edges
+from cdelta.circuits.graph import EdgeGraph, component_param_slices, node_param_slices
 from cdelta.circuits.hooks import ATTN, MLP
 from cdelta.circuits.metric import get_metric
 from cdelta.errors import CdeltaError
@@ -99,7 +93,7 @@ def test_eap_edges_match_finite_differences(model, tok, positions):
     pairs = [("L0.H1", "L1.H2.q"), ("L0.MLP", "L1.KV1.k"), ("L0.H3", "L1.KV0.v"), ("L0.H2", "L1.MLP"), ("L0.H0", "L0.MLP"), ("L1.H0", "output")]
     if positions == "all":
         pairs.append(("input", "L0.H1.q"))  # token embeddings differ only off the suffix window
-    w = edges_mod._Weights.of(model, arch)
+    w = EdgeWeights.of(model, arch)
     clean, corr = writer_acts(g, w, pb.clean_acts), writer_acts(g, w, pb.target)
     eps = 1e-2
     for writer, reader in pairs:
@@ -177,7 +171,7 @@ def test_eap_tracks_exact_edge_patching_under_strong_nonlinearity(model, tok):
 
 def test_position_chunking_and_batching_do_not_change_scores(model, tok, monkeypatch):
     whole = attribute_edges(model, tok, CLEAN, CORRUPT, method="eap-ig", steps=2, batch_size=4, n_positions="all")
-    monkeypatch.setattr(edges_mod, "CHUNK_ELEMENTS", 1)  # one position per chunk, one spec per pass
+    monkeypatch.setattr(patching_mod, "CHUNK_ELEMENTS", 1)  # one position per chunk, one spec per pass
     chunked = attribute_edges(model, tok, CLEAN[::-1], CORRUPT[::-1], method="eap-ig", steps=2, batch_size=4, n_positions="all")
     torch.testing.assert_close(chunked.scores, whole.scores, atol=1e-12, rtol=1e-9)
     arch, pb = _batch(model, tok, "all")
@@ -193,8 +187,6 @@ def test_bad_inputs_are_clear_errors(model, tok):
         attribute_edges(model, tok, CLEAN, CORRUPT, method="eap-ig-inputs")
     with pytest.raises(CdeltaError, match="equally many"):
         attribute_edges(model, tok, CLEAN, CORRUPT[:1])
-    with pytest.raises(CdeltaError, match="edge-level"):
-        attribute(model, tok, CLEAN, CORRUPT, edges=True)
 
 
 def test_gemma_layout_is_refused(tok):
@@ -218,10 +210,10 @@ def _scores(arch) -> torch.Tensor:
     return torch.where(g.valid(), s, torch.zeros(()))
 
 
-def _result(model, scores=None) -> edges_mod.EdgeAttribution:
+def _result(model, scores=None) -> EdgeAttribution:
     arch = architecture_of(model)
     z = torch.zeros(2, dtype=torch.float64)
-    return edges_mod.EdgeAttribution(arch, _scores(arch) if scores is None else scores, "eap-ig", 5, {"name": "logodds"}, "suffix", z, z, 0.0)
+    return EdgeAttribution(arch, _scores(arch) if scores is None else scores, "eap-ig", 5, {"name": "logodds"}, "suffix", z, z, 0.0)
 
 
 def test_selection_modes(model):

@@ -88,3 +88,19 @@ def test_format_1_files_still_load(tmp_path):
     save_file({"w::indices": index, "w::values": dense.view(-1)[index]}, str(tmp_path / "v1.safetensors"), metadata={"manifest": json.dumps(manifest)})
     loaded, header = load_sparse(tmp_path / "v1.safetensors")
     assert torch.equal(loaded["w"], dense) and header["format"] == "cdelta-sparse-delta/1"
+
+
+def test_typed_manifest_round_trips_the_file_bytes(tmp_path):
+    from cdelta.edit.delta import DeltaManifest, SparseDelta
+
+    delta = {"b.weight": torch.tensor([[0.0, 1.5], [0.0, -2.0]]), "a.bias": torch.tensor([0.0, 0.25, 0.0])}
+    manifest = {"base_model": "tiny", "base_weights_sha256": "ab" * 32, "category": "cybercrime", "variant": "direct",
+                "k": 1.0, "seed": 0, "circuit": {"nodes": ["L0.MLP"]}, "note": None}
+    save_sparse(delta, tmp_path / "a.safetensors", manifest)
+    loaded = SparseDelta.load(tmp_path / "a.safetensors")
+    assert loaded.manifest.base_weights_sha256 == "ab" * 32 and loaded.manifest.variant == "direct"
+    assert set(loaded.manifest.layouts) == {"a.bias", "b.weight"} and loaded.manifest.touched == 3
+    assert loaded.manifest.to_dict() == load_sparse(tmp_path / "a.safetensors")[1]
+    assert DeltaManifest.from_dict(loaded.manifest.to_dict()) == loaded.manifest
+    loaded.save(tmp_path / "b.safetensors")
+    assert (tmp_path / "b.safetensors").read_bytes() == (tmp_path / "a.safetensors").read_bytes()

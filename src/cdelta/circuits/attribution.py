@@ -623,7 +623,6 @@ def attribute(
     metric: str | Metric = "logodds",
     batch_size: int = 8,
     n_positions: int | str | None = "suffix",
-    edges: bool = False,
     on_pass: OnPass = None,
     exact_rows: int = 64,
     max_memory_mb: float | None = None,
@@ -635,8 +634,6 @@ def attribute(
     smaller batches (``plan_batches``), IG steps run one at a time, only the window's
     positions are ever recorded, and ``exact`` does not replicate rows beyond a batch.
     """
-    if edges:
-        raise CdeltaError("edge-level attribution is not done by attribute()", "use cdelta.circuits.edges.attribute_edges or localize(..., edges=True)")
     if method not in METHODS:
         raise CdeltaError(f"unknown attribution method '{method}'", f"use one of: {', '.join(METHODS)}")
     if len(clean) != len(corrupt) or not clean:

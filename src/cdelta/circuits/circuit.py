@@ -1,16 +1,8 @@
 """The ``Circuit``: node scores, a selection of nodes, and the parameter slices they own.
 
-Parameter ownership (what the edit stage may train):
-
-* head ``h`` of layer ``l`` (``L{l}.H{h}``), with ``hd = head_dim`` and
-  ``g = h // (n_heads // n_kv_heads)`` its key/value head:
-  rows ``[h*hd, (h+1)*hd)`` of ``q_proj.weight`` (and of ``q_proj.bias`` if present),
-  rows ``[g*hd, (g+1)*hd)`` of ``k_proj``/``v_proj`` weight (and bias) — shared by the
-  query heads of one GQA group and counted once per circuit —, and columns
-  ``[h*hd, (h+1)*hd)`` of ``o_proj.weight``. An ``o_proj`` bias (if any) belongs to no
-  head and is never included; neither are norms.
-* MLP of layer ``l`` (``L{l}.MLP``): all of ``gate_proj``/``up_proj``/``down_proj``
-  (weights and biases if present).
+Which parameters a node (or an edge component) owns is defined in
+``cdelta.circuits.graph``: a head its q rows, its GQA group's k/v rows and its o columns,
+an MLP all three matrices; norms, embeddings and the LM head never.
 
 An *edge* circuit (``cdelta.circuits.edges.edge_circuit``) carries ``meta["edges"]``; its
 parameters are the finer components its edges touch (``meta["edges"]["components"]``, e.g.
@@ -25,13 +17,13 @@ ranks by the signed score (refusal-promoting first).
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from cdelta import __version__
+from cdelta.circuits.graph import Slice, component_param_slices, node_param_slices, slice_numel, total_params
 from cdelta.circuits.hooks import parse_node_id
 from cdelta.errors import CdeltaError
 from cdelta.io import atomic_write_json
@@ -40,9 +32,6 @@ from cdelta.models.architecture import Architecture, architecture_of
 FORMAT = "cdelta-circuit"
 FORMAT_VERSION = 1
 SELECTION_KINDS = ("top_k", "top_frac", "threshold", "params")
-
-Slice = tuple[int, int, int]
-"""``(dim, start, stop)`` of one parameter tensor."""
 
 
 def parse_selection(spec: str) -> dict:
@@ -58,42 +47,6 @@ def parse_selection(spec: str) -> dict:
     except ValueError:
         raise CdeltaError(f"bad number in circuit selection '{spec}'", "e.g. top_k:10 or params:0.02") from None
     return {"kind": kind, "value": number}
-
-
-def node_param_slices(arch: Architecture, node: str, param_names: set[str]) -> list[tuple[str, Slice]]:
-    """``[(param_name, (dim, start, stop))]`` owned by ``node`` (see module docstring)."""
-    layer, head = parse_node_id(node)
-    if not 0 <= layer < arch.n_layers or (head is not None and not 0 <= head < arch.n_heads):
-        raise CdeltaError(f"node {node} does not exist in this model ({arch.n_layers} layers, {arch.n_heads} heads)", "use a circuit made for this model")
-    out: list[tuple[str, Slice]] = []
-    hd = arch.head_dim
-    if head is None:
-        for proj in ("gate", "up", "down"):
-            for name in (arch.mlp_param(layer, proj), arch.mlp_bias_param(layer, proj)):
-                if name in param_names:
-                    out.append((name, (0, 0, -1)))
-        return out
-    g = arch.kv_head(head)
-    out.append((arch.attn_param(layer, "q"), (0, head * hd, (head + 1) * hd)))
-    if arch.attn_bias_param(layer, "q") in param_names:
-        out.append((arch.attn_bias_param(layer, "q"), (0, head * hd, (head + 1) * hd)))
-    for proj in ("k", "v"):
-        out.append((arch.attn_param(layer, proj), (0, g * hd, (g + 1) * hd)))
-        if arch.attn_bias_param(layer, proj) in param_names:
-            out.append((arch.attn_bias_param(layer, proj), (0, g * hd, (g + 1) * hd)))
-    out.append((arch.attn_param(layer, "o"), (1, head * hd, (head + 1) * hd)))
-    return out
-
-
-def total_params(model: torch.nn.Module) -> int:
-    """All parameters, tied tensors (e.g. embeddings/LM head) counted once."""
-    return sum(p.numel() for p in model.parameters())
-
-
-def _slice_numel(shape: torch.Size, sl: Slice) -> int:
-    dim, start, stop = sl
-    stop = shape[dim] if stop == -1 else stop
-    return (stop - start) * (math.prod(shape) // shape[dim])
 
 
 @dataclass
@@ -232,7 +185,7 @@ class Circuit:
         count, chosen = 0, []
         for node in ranked:
             new = [s for s in node_param_slices(arch, node, names) if s not in used]
-            extra = sum(_slice_numel(params[name].shape, sl) for name, sl in new)
+            extra = sum(slice_numel(params[name].shape, sl) for name, sl in new)
             if count + extra <= limit:
                 chosen.append(node)
                 used.update(new)
@@ -270,8 +223,6 @@ class Circuit:
         components = self.meta.get("edges", {}).get("components")
         if components is None:
             return [s for node in self.nodes for s in node_param_slices(arch, node, names)]
-        from cdelta.circuits.edges import component_param_slices  # edges builds on this module
-
         return [s for c in components for s in component_param_slices(arch, c, names)]
 
     def param_masks(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:

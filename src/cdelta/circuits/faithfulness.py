@@ -1,5 +1,9 @@
 """Faithfulness of circuits of increasing size, against random and shuffled-label controls.
 
+One skeleton (``curve``) serves node circuits (``faithfulness_curve``, below) and edge
+circuits (``cdelta.circuits.edges.edge_faithfulness_curve``); a ``Units`` says what is
+kept, ranked, drawn at random and evaluated. For nodes:
+
 For a node set ``C`` we run the clean prompts with every node *outside* ``C`` replaced
 inside the aligned window (see ``cdelta.circuits.attribution``) by its corrupted
 activation (``ablation="patch"``, default) or by its mean corrupted activation
@@ -31,6 +35,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 
@@ -152,6 +157,89 @@ def count_passes(n_pairs: int, batch_size: int, n_sizes: int, n_random: int, shu
     return n_batches * per_batch + (2 * n_batches if ablation == "mean" else 0)
 
 
+@dataclass(frozen=True)
+class Units:
+    """What a faithfulness curve keeps: nodes or edges.
+
+    ``top(scores, k, by)`` and ``random(k, seed)``: bool masks of ``k`` units;
+    ``evaluate({name: mask})``: per-example metric ``[n_pairs]`` per name plus
+    ``__clean__``, ``__corrupt__`` and ``__empty__`` (``evaluate_circuits``);
+    ``nodes(mask)``: the node ids a mask keeps; ``header`` / ``counts``: extra result keys
+    placed before ``ablation`` / after ``n_pairs``; ``list_shuffled``: also list the
+    shuffled control's nodes.
+    """
+
+    n_units: int
+    top: Callable[[torch.Tensor, int, str], torch.Tensor]
+    random: Callable[[int, int], torch.Tensor]
+    evaluate: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
+    nodes: Callable[[torch.Tensor], list[str]]
+    header: dict = field(default_factory=dict)
+    counts: dict = field(default_factory=dict)
+    list_shuffled: bool = True
+
+
+def curve(
+    units: Units, scores: torch.Tensor, shuffled_scores: torch.Tensor | None, *, fractions, n_random: int, seed: int,
+    by: str, ablation: str, n_pairs: int,
+) -> dict:
+    """Recovered metric at every size ``circuit_sizes(units.n_units, fractions)`` for the top-ranked
+    units, ``n_random`` random sets (seeds ``seed, seed+1, …``) and the shuffled-label ranking (JSON-able)."""
+    sizes = circuit_sizes(units.n_units, fractions)
+    seeds = [seed + i for i in range(n_random)]
+    circuits: dict[str, torch.Tensor] = {}
+    for k in sizes:
+        circuits[f"attr:{k}"] = units.top(scores, k, by)
+        for s in seeds:
+            circuits[f"random:{k}:{s}"] = units.random(k, s * 1_000_003 + k)
+        if shuffled_scores is not None:
+            circuits[f"shuffled:{k}"] = units.top(shuffled_scores, k, by)
+    values = units.evaluate(circuits)
+    m_clean = float(values["__clean__"].mean())
+    m_empty = float(values["__empty__"].mean())
+    gap = m_clean - m_empty
+    per_pair_gap = values["__clean__"] - values["__empty__"]
+    gap_se = float(per_pair_gap.std() / len(per_pair_gap) ** 0.5) if len(per_pair_gap) > 1 else float("nan")
+
+    def rec(name: str) -> float:
+        return (float(values[name].mean()) - m_empty) / gap if gap != 0 else float("nan")
+
+    random_rec = [[rec(f"random:{k}:{s}") for s in seeds] for k in sizes]
+    rand = torch.tensor(random_rec, dtype=torch.float64)
+    result = {
+        **units.header,
+        "ablation": ablation,
+        "by": by,
+        "n_pairs": n_pairs,
+        **units.counts,
+        "fractions": list(fractions),
+        "sizes": sizes,
+        "m_clean": m_clean,
+        "m_corrupt": float(values["__corrupt__"].mean()),
+        "m_all_ablated": m_empty,
+        "gap": gap,
+        "gap_se": gap_se,
+        "gap_resolved": bool(abs(gap) > 2 * gap_se),
+        "circuit": {
+            "recovered": [rec(f"attr:{k}") for k in sizes],
+            "metric": [float(values[f"attr:{k}"].mean()) for k in sizes],
+            "nodes": [units.nodes(circuits[f"attr:{k}"]) for k in sizes],
+        },
+        "random": {
+            "seeds": seeds,
+            "recovered": random_rec,
+            "mean": rand.mean(1).tolist(),
+            "sd": (rand.std(1) if len(seeds) > 1 else torch.zeros(len(sizes))).tolist(),
+        },
+        "shuffled": None,
+    }
+    if shuffled_scores is not None:
+        result["shuffled"] = {"recovered": [rec(f"shuffled:{k}") for k in sizes]}
+        if units.list_shuffled:
+            result["shuffled"]["nodes"] = [units.nodes(circuits[f"shuffled:{k}"]) for k in sizes]
+    return result
+
+
 def faithfulness_curve(
     model: torch.nn.Module,
     tokenizer,
@@ -179,64 +267,21 @@ def faithfulness_curve(
     arch = architecture_of(model)
     shape = (arch.n_layers, arch.n_heads + 1)
     n_nodes = shape[0] * shape[1]
-    sizes = circuit_sizes(n_nodes, fractions)
-    seeds = [seed + i for i in range(n_random)]
-    circuits: dict[str, torch.Tensor] = {}
-    for k in sizes:
-        circuits[f"attr:{k}"] = top_nodes(scores, k, by)
-        for s in seeds:
-            circuits[f"random:{k}:{s}"] = random_nodes(shape, k, s * 1_000_003 + k)
-        if shuffled_scores is not None:
-            circuits[f"shuffled:{k}"] = top_nodes(shuffled_scores, k, by)
-    values = evaluate_circuits(
-        model, tokenizer, clean, corrupt, circuits,
-        metric=metric, batch_size=batch_size, n_positions=n_positions, ablation=ablation, on_pass=on_pass,
-    )
-    m_clean = float(values["__clean__"].mean())
-    m_empty = float(values["__empty__"].mean())
-    gap = m_clean - m_empty
-    per_pair_gap = values["__clean__"] - values["__empty__"]
-    gap_se = float(per_pair_gap.std() / len(per_pair_gap) ** 0.5) if len(per_pair_gap) > 1 else float("nan")
-
-    def rec(name: str) -> float:
-        return (float(values[name].mean()) - m_empty) / gap if gap != 0 else float("nan")
-
     ids = node_ids(arch)
 
-    def listed(mask: torch.Tensor) -> list[str]:
-        return [ids[i] for i in mask.flatten().nonzero().flatten().tolist()]
+    def evaluate(circuits: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return evaluate_circuits(
+            model, tokenizer, clean, corrupt, circuits,
+            metric=metric, batch_size=batch_size, n_positions=n_positions, ablation=ablation, on_pass=on_pass,
+        )
 
-    random_rec = [[rec(f"random:{k}:{s}") for s in seeds] for k in sizes]
-    rand = torch.tensor(random_rec, dtype=torch.float64)
-    result = {
-        "ablation": ablation,
-        "by": by,
-        "n_pairs": len(clean),
-        "n_nodes": n_nodes,
-        "fractions": list(fractions),
-        "sizes": sizes,
-        "m_clean": m_clean,
-        "m_corrupt": float(values["__corrupt__"].mean()),
-        "m_all_ablated": m_empty,
-        "gap": gap,
-        "gap_se": gap_se,
-        "gap_resolved": bool(abs(gap) > 2 * gap_se),
-        "circuit": {
-            "recovered": [rec(f"attr:{k}") for k in sizes],
-            "metric": [float(values[f"attr:{k}"].mean()) for k in sizes],
-            "nodes": [listed(circuits[f"attr:{k}"]) for k in sizes],
-        },
-        "random": {
-            "seeds": seeds,
-            "recovered": random_rec,
-            "mean": rand.mean(1).tolist(),
-            "sd": (rand.std(1) if len(seeds) > 1 else torch.zeros(len(sizes))).tolist(),
-        },
-        "shuffled": None,
-    }
-    if shuffled_scores is not None:
-        result["shuffled"] = {
-            "recovered": [rec(f"shuffled:{k}") for k in sizes],
-            "nodes": [listed(circuits[f"shuffled:{k}"]) for k in sizes],
-        }
-    return result
+    units = Units(
+        n_units=n_nodes,
+        top=top_nodes,
+        random=lambda k, s: random_nodes(shape, k, s),
+        evaluate=evaluate,
+        nodes=lambda mask: [ids[i] for i in mask.flatten().nonzero().flatten().tolist()],
+        counts={"n_nodes": n_nodes},
+    )
+    return curve(units, scores, shuffled_scores, fractions=fractions, n_random=n_random, seed=seed, by=by, ablation=ablation,
+                 n_pairs=len(clean))

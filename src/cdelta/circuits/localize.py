@@ -35,10 +35,13 @@ import torch
 
 from cdelta import __version__
 from cdelta.circuits import attribution as attr_mod
+from cdelta.circuits import edge_attribution as edge_attr_mod
 from cdelta.circuits import edges as edges_mod
 from cdelta.circuits import faithfulness as faith_mod
 from cdelta.circuits.attribution import AttributionResult, attribute
 from cdelta.circuits.circuit import Circuit
+from cdelta.circuits.edge_attribution import EdgeAttribution
+from cdelta.circuits.graph import EdgeGraph
 from cdelta.circuits.metric import CategoryMetric, Metric, fit_category_metric, get_metric
 from cdelta.circuits.plots import plot_faithfulness, plot_heatmap
 from cdelta.data.prompts import LOOKALIKE, Prompt, PromptSet
@@ -65,9 +68,9 @@ class LocalizeResult:
     """
 
     circuit: Circuit
-    attribution: AttributionResult | edges_mod.EdgeAttribution
+    attribution: AttributionResult | EdgeAttribution
     faithfulness: dict | None
-    shuffled: AttributionResult | edges_mod.EdgeAttribution | None
+    shuffled: AttributionResult | EdgeAttribution | None
     pairs: list[tuple[str, str]]
     n_params: int
     param_fraction: float
@@ -182,6 +185,60 @@ class _Bars:
         return lambda: self.progress.advance(task_id)
 
 
+@dataclass(frozen=True)
+class _Strategy:
+    """What localization scores and keeps: nodes or edges.
+
+    ``attribute``/``count_passes``: the scorer and its progress ticks (``max_memory``: it
+    takes ``max_memory_mb``); ``curve`` (``patch_only``: patch ablation only) and
+    ``n_units`` (of an architecture): the faithfulness curve and what its fractions count;
+    ``circuit(result, selection, model, by, meta)``: the selected circuit; ``heat(result)``:
+    the ``[n_layers, n_heads + 1]`` node matrix of the heat map.
+    """
+
+    name: str
+    methods: tuple[str, ...]
+    fractions: tuple[float, ...]
+    attribute: Callable
+    max_memory: bool
+    count_passes: Callable
+    curve: Callable
+    patch_only: bool
+    n_units: Callable
+    circuit: Callable
+    heat: Callable
+
+
+_NODES = _Strategy(
+    name="node",
+    methods=attr_mod.METHODS,
+    fractions=faith_mod.DEFAULT_FRACTIONS,
+    attribute=attribute,
+    max_memory=True,
+    count_passes=attr_mod.count_passes,
+    curve=faith_mod.faithfulness_curve,
+    patch_only=False,
+    n_units=lambda arch: arch.n_layers * (arch.n_heads + 1),
+    circuit=lambda result, selection, model, by, meta: Circuit.from_scores(result.arch, result.node_scores(), **meta).select_spec(
+        selection, model=model, by=by),
+    heat=lambda result: result.scores,
+)
+
+_EDGES = _Strategy(
+    name="edge",
+    methods=edge_attr_mod.EDGE_METHODS,
+    fractions=edges_mod.EDGE_FRACTIONS,
+    attribute=edge_attr_mod.attribute_edges,
+    max_memory=False,
+    count_passes=edge_attr_mod.count_passes,
+    curve=edges_mod.edge_faithfulness_curve,
+    patch_only=True,
+    n_units=lambda arch: EdgeGraph.of(arch).n_edges,
+    circuit=lambda result, selection, model, by, meta: edges_mod.edge_circuit(result, selection, model, by=by, **meta),
+    heat=lambda result: result.node_matrix(),
+)
+
+
 def localize(
     lm: LoadedModel,
     category: str,
@@ -221,18 +278,18 @@ def localize(
     ``Metric`` instance; ``circuit.json`` records its ``describe()`` under ``metric``.
     Raises ``CdeltaError`` for an unknown category, contrast, method or metric.
     """
-    methods = edges_mod.EDGE_METHODS if edges else attr_mod.METHODS
-    if method not in methods:
-        raise CdeltaError(f"unknown {'edge ' * edges}attribution method '{method}'", f"use one of: {', '.join(methods)}")
-    if edges and faithfulness and ablation != "patch":
-        raise CdeltaError(f"edge faithfulness supports only patch ablation, not '{ablation}'", "use ablation='patch'")
+    strategy = _EDGES if edges else _NODES
+    if method not in strategy.methods:
+        raise CdeltaError(f"unknown {'edge ' * edges}attribution method '{method}'", f"use one of: {', '.join(strategy.methods)}")
+    if strategy.patch_only and faithfulness and ablation != "patch":
+        raise CdeltaError(f"{strategy.name} faithfulness supports only patch ablation, not '{ablation}'", "use ablation='patch'")
     if fractions is None:
-        fractions = edges_mod.EDGE_FRACTIONS if edges else faith_mod.DEFAULT_FRACTIONS
-    if edges and max_memory_mb is not None:
+        fractions = strategy.fractions
+    if not strategy.max_memory and max_memory_mb is not None:
         raise CdeltaError("--max-memory-mb bounds node attribution only", "drop --max-memory-mb when using --edges")
-    run_attribution = edges_mod.attribute_edges if edges else attribute
-    bound = {} if edges else {"max_memory_mb": max_memory_mb}
-    count_passes = edges_mod.count_passes if edges else attr_mod.count_passes
+    run_attribution = strategy.attribute
+    bound = {"max_memory_mb": max_memory_mb} if strategy.max_memory else {}
+    count_passes = strategy.count_passes
     fit_category = metric == "category"
     if not fit_category:
         metric = get_metric(metric, lm.tokenizer)  # validate early
@@ -267,11 +324,8 @@ def localize(
             )
             seconds["shuffled_attribution"] = time.perf_counter() - t
             t = time.perf_counter()
-            if edges:
-                sizes, curve_fn = edges_mod.edge_circuit_sizes(arch, fractions), edges_mod.edge_faithfulness_curve
-            else:
-                sizes, curve_fn = faith_mod.circuit_sizes(arch.n_layers * (arch.n_heads + 1), fractions), faith_mod.faithfulness_curve
-            curve = curve_fn(
+            sizes = faith_mod.circuit_sizes(strategy.n_units(arch), fractions)
+            curve = strategy.curve(
                 model, tok, clean, corrupt, result.scores, shuffled_scores=shuffled.scores, fractions=fractions,
                 n_random=n_random, seed=seed, by=by, ablation=ablation, metric=metric, batch_size=batch_size,
                 n_positions=n_positions,
@@ -305,10 +359,7 @@ def localize(
         metric_gap_se=gap_se,
         cdelta_version=__version__,
     )
-    if edges:
-        circuit = edges_mod.edge_circuit(result, selection, model, by=by, **meta)
-    else:
-        circuit = Circuit.from_scores(arch, result.node_scores(), **meta).select_spec(selection, model=model, by=by)
+    circuit = strategy.circuit(result, selection, model, by, meta)
     if curve is not None:
         circuit.meta["faithfulness_summary"] = {
             "fractions": curve["fractions"], "circuit": curve["circuit"]["recovered"],
@@ -324,7 +375,7 @@ def localize(
         out_dir.mkdir(parents=True, exist_ok=True)
         files["circuit"] = circuit.to_json(out_dir / "circuit.json")
         files["heatmap"] = plot_heatmap(
-            result.node_matrix() if edges else result.scores, out_dir / "heatmap.png", selected=circuit.mask_matrix(),
+            strategy.heat(result), out_dir / "heatmap.png", selected=circuit.mask_matrix(),
             title=f"{lm.name}: {category} vs {contrast} ({method}{' edges' * edges}, {result.steps} steps, {n} pairs)",
         )
         if curve is not None:

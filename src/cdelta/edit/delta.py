@@ -13,6 +13,12 @@ sha256 so it is only ever applied to the weights it was computed from:
   and their float32 values.
 
 Files of format 1 (flat int64 indices for every tensor) are still read.
+
+On disk the manifest is one JSON string (sorted keys) under the safetensors metadata key
+``manifest``: the caller's keys (``export_edit``: base model and hash, category,
+direction, variant, k, seed, ...) plus ``format``, ``shapes``, ``layouts`` and
+``touched``; tensors are named ``{param}::{rows|cols|values}`` or ``{param}::{indices|values}``
+in parameter-name order. In memory it is a ``DeltaManifest``, and a file a ``SparseDelta``.
 """
 
 from __future__ import annotations
@@ -21,18 +27,67 @@ import json
 import math
 import shutil
 import tempfile
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save, save_file
 
+from cdelta.edit.card import write_model_card
 from cdelta.errors import CdeltaError
 from cdelta.io import atomic_write_bytes
+from cdelta.models.loading import weights_hash
 
 DELTA_FORMAT = "cdelta-sparse-delta/2"
 READABLE_FORMATS = ("cdelta-sparse-delta/1", DELTA_FORMAT)
 Delta = dict[str, torch.Tensor]
+_LAYOUT_KEYS = ("format", "shapes", "layouts", "touched")
+
+
+@dataclass(frozen=True)
+class DeltaManifest:
+    """The header of a sparse delta file, typed.
+
+    ``format``: ``DELTA_FORMAT`` (or a readable older one); ``shapes``/``layouts``/``touched``:
+    the dense shape and stored layout (``block``/``flat``) of each tensor and the number of
+    entries changed; the provenance fields are None where the file does not name them;
+    ``extra``: every other key, as stored. ``to_dict()`` gives back exactly the stored dict.
+    """
+
+    format: str | None = None
+    shapes: dict[str, list[int]] | None = None
+    layouts: dict[str, str] | None = None
+    touched: int | None = None
+    base_model: str | None = None
+    base_weights_sha256: str | None = None
+    category: Any = None
+    direction: str | None = None
+    variant: str | None = None
+    k: float | None = None
+    seed: int | None = None
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> DeltaManifest:
+        """Typed view of a stored manifest (keys holding None stay in ``extra``, so ``to_dict`` round-trips)."""
+        known = {f.name for f in fields(cls)} - {"extra"}
+        typed = {k: v for k, v in data.items() if k in known and v is not None}
+        return cls(**typed, extra={k: v for k, v in data.items() if k not in typed})
+
+    def to_dict(self) -> dict:
+        """The manifest as stored in the file's header."""
+        typed = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}
+        return {**self.extra, **{k: v for k, v in typed.items() if v is not None}}
+
+    def provenance(self) -> dict:
+        """``to_dict()`` without the layout keys (what a caller passes to ``save_sparse``)."""
+        return {k: v for k, v in self.to_dict().items() if k not in _LAYOUT_KEYS}
+
+    def get(self, key: str, default=None):
+        """A stored key's value (typed field or extra)."""
+        return self.to_dict().get(key, default)
 
 
 def compose(positive: Delta, negative: Delta | None = None, scale: float = 1.0) -> Delta:
@@ -81,11 +136,14 @@ def _encode(value: torch.Tensor) -> tuple[str, dict[str, torch.Tensor]] | None:
     return "flat", {"indices": index.to(_index_dtype(flat.numel())), "values": flat[index].contiguous()}
 
 
-def save_sparse(delta: Delta, path: Path, manifest: dict) -> None:
+def save_sparse(delta: Delta, path: Path, manifest: dict | DeltaManifest) -> None:
     """Write the sparse delta (each tensor ``block`` or ``flat``) with ``manifest`` in its header, atomically.
 
-    Output is byte-identical for identical deltas and manifests.
+    ``manifest``: the provenance keys (a ``DeltaManifest`` gives its ``provenance()``); the
+    layout keys are computed here. Output is byte-identical for identical deltas and manifests.
     """
+    if isinstance(manifest, DeltaManifest):
+        manifest = manifest.provenance()
     tensors: dict[str, torch.Tensor] = {}
     shapes, layouts = {}, {}
     touched = 0
@@ -129,6 +187,27 @@ def load_sparse(path: Path) -> tuple[Delta, dict]:
             dense.view(-1)[tensors[f"{name}::indices"].long()] = values
         delta[name] = dense
     return delta, manifest
+
+
+@dataclass(frozen=True)
+class SparseDelta:
+    """A sparse delta file in memory: the dense ``tensors`` (zero outside the edit) and its manifest."""
+
+    tensors: Delta
+    manifest: DeltaManifest
+
+    @classmethod
+    def load(cls, path: Path) -> SparseDelta:
+        delta, manifest = load_sparse(path)
+        return cls(delta, DeltaManifest.from_dict(manifest))
+
+    def save(self, path: Path) -> None:
+        """Write with ``save_sparse`` (layout keys recomputed from ``tensors``)."""
+        save_sparse(self.tensors, path, self.manifest)
+
+    def apply_to(self, model: torch.nn.Module) -> None:
+        """Add the delta to ``model``'s parameters in place (``apply_to_model``)."""
+        apply_to_model(model, self.tensors)
 
 
 def write_edited_checkpoint(base_dir: Path, delta: Delta, out_dir: Path) -> None:
@@ -179,13 +258,10 @@ def apply_sparse_deltas(base_dir: Path, delta_paths: list[Path], out_dir: Path) 
     ``overlap_entries`` (entries touched by more than one delta), the parts' categories,
     directions and k joined with ``+``, and ``composed_from`` (one summary per delta).
     """
-    from cdelta.edit.export import write_model_card
-    from cdelta.models.loading import weights_hash
-
     if not delta_paths:
         raise CdeltaError("no delta given", "pass at least one delta.safetensors written by cdelta run")
-    loaded = [load_sparse(Path(path)) for path in delta_paths]
-    bases = [manifest.get("base_weights_sha256") for _, manifest in loaded]
+    loaded = [SparseDelta.load(Path(path)) for path in delta_paths]
+    bases = [part.manifest.base_weights_sha256 for part in loaded]
     if len(set(bases)) > 1:
         listing = ", ".join(f"{path} from {str(base)[:12]}…" for path, base in zip(delta_paths, bases))
         raise CdeltaError(
@@ -198,10 +274,10 @@ def apply_sparse_deltas(base_dir: Path, delta_paths: list[Path], out_dir: Path) 
             f"base weights hash {actual[:12]}… does not match the delta's base {str(bases[0])[:12]}…",
             "apply the delta to the exact base checkpoint it was computed from",
         )
-    total, overlap = sum_deltas([delta for delta, _ in loaded])
+    total, overlap = sum_deltas([part.tensors for part in loaded])
     write_edited_checkpoint(Path(base_dir), total, Path(out_dir))
     touched, params_total = count_touched(total), _weights_numel(Path(base_dir))
-    manifests = [manifest for _, manifest in loaded]
+    manifests = [part.manifest for part in loaded]
     info = {
         "base_model": manifests[0].get("base_model", Path(base_dir).name),
         "base_weights_sha256": actual,
@@ -212,7 +288,7 @@ def apply_sparse_deltas(base_dir: Path, delta_paths: list[Path], out_dir: Path) 
         **{key: "+".join(str(m.get(key)) for m in manifests) for key in ("category", "direction", "k")},
         "composed_from": [
             {"delta": str(path), "params_touched": count_touched(delta), **{key: m.get(key) for key in ("category", "direction", "k", "seed")}}
-            for path, (delta, m) in zip(delta_paths, loaded)
+            for path, (delta, m) in zip(delta_paths, [(part.tensors, part.manifest) for part in loaded])
         ],
     }
     write_model_card(Path(out_dir), info)

@@ -11,7 +11,7 @@ from contextlib import contextmanager
 
 import torch
 
-from cdelta.models.architecture import decoder_layers
+from cdelta.models.architecture import decoder, decoder_layers, embedding_scale
 
 
 def lowest_layer(param_names: list[str], layers_prefix: str) -> int | None:
@@ -22,12 +22,6 @@ def lowest_layer(param_names: list[str], layers_prefix: str) -> int | None:
             return None
         indices.append(int(name[len(layers_prefix) + 1 :].split(".")[0]))
     return min(indices) if indices else None
-
-
-def _embedding_scale(model: torch.nn.Module) -> float:
-    """Factor the decoder multiplies ``inputs_embeds`` by (sqrt(d_model) for gemma, else 1)."""
-    config = getattr(model.config, "text_config", None) or model.config
-    return config.hidden_size**0.5 if config.model_type.startswith("gemma") else 1.0
 
 
 @torch.no_grad()
@@ -56,8 +50,7 @@ class _Stop(Exception):
 @contextmanager
 def starting_at(model: torch.nn.Module, layer: int):
     """Within the block, the decoder runs only layers ``>= layer`` (on ``inputs_embeds``)."""
-    decoder = model.get_decoder()
-    holder = decoder.language_model if hasattr(decoder, "language_model") else decoder
+    holder = decoder(model)
     full = holder.layers
     holder.layers = torch.nn.ModuleList(list(full)[layer:])
     try:
@@ -70,6 +63,6 @@ def decoder_from(model: torch.nn.Module, layer: int, residual: torch.Tensor, att
     """Final hidden states [batch, seq, d_model] running layers ``>= layer`` on ``residual``."""
     with starting_at(model, layer):
         out = model.get_decoder()(
-            inputs_embeds=residual / _embedding_scale(model), attention_mask=attention_mask, use_cache=False
+            inputs_embeds=residual / embedding_scale(model), attention_mask=attention_mask, use_cache=False
         )
     return out.last_hidden_state
