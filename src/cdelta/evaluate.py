@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from cdelta.data.contexts import PLAIN, SAMPLED, SAMPLING, Sampling, contextualize, harmless_requests
-from cdelta.data.prompts import HARMLESS, LOOKALIKE, PromptSet
+from cdelta.data.prompts import HARM_CATEGORIES, HARMLESS, LOOKALIKE, Prompt, PromptSet
 from cdelta.generation import generate
 from cdelta.judge.reply import read_replies
 from cdelta.models.chat import encode_chat, reply_start_logits
@@ -60,14 +60,29 @@ class RefusalStat:
                 "garbled_rate": self.garbled / self.n if self.n else float("nan"), "garbled": self.garbled}
 
 
+FIELD = "lookalike-field"
+"""Kind of the cells that split a set's look-alikes by the harm category whose field
+they come from (``lookalike:cybercrime``); pooled rates leave them out (no double count)."""
+
+
+def field_cell(prompt: Prompt) -> str | None:
+    """``lookalike:<harm category>`` for a look-alike from a harm category's field, else None."""
+    if prompt.kind == LOOKALIKE and prompt.source_category in HARM_CATEGORIES:
+        return f"{LOOKALIKE}:{prompt.source_category}"
+    return None
+
+
 def refusal_stats(prompts: PromptSet, refused: list[bool], garbled: list[bool] | None = None) -> dict[str, RefusalStat]:
-    """Per-category refusal (and garbled-reply) counts for judged prompts (same order as ``prompts``)."""
+    """Per-category refusal (and garbled-reply) counts for judged prompts (same order as
+    ``prompts``), plus one ``FIELD`` cell per harm category the look-alikes come from."""
     cells: dict[str, RefusalStat] = {}
     for prompt, is_refusal, is_garbled in zip(prompts, refused, garbled or [False] * len(prompts)):
-        cell = cells.setdefault(prompt.category, RefusalStat(0, 0, prompt.kind))
-        cell.n += 1
-        cell.refusals += int(is_refusal)
-        cell.garbled += int(is_garbled)
+        keys = [(prompt.category, prompt.kind)] + ([(field, FIELD)] if (field := field_cell(prompt)) else [])
+        for key, kind in keys:
+            cell = cells.setdefault(key, RefusalStat(0, 0, kind))
+            cell.n += 1
+            cell.refusals += int(is_refusal)
+            cell.garbled += int(is_garbled)
     return cells
 
 
