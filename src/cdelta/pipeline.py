@@ -35,7 +35,7 @@ from cdelta.evaluate import (
 )
 from cdelta.io import atomic_write_json, provenance
 from cdelta.models.loading import LoadedModel, load_model
-from cdelta.stages import file_digest, fingerprint, prompts_digest, run_stage
+from cdelta.stages import file_digest, fingerprint, locks_run_dir, prompts_digest, run_stage
 
 Log = Callable[[str], None]
 K_SELECT_TOKENS = 12
@@ -543,6 +543,7 @@ def source_digest() -> str:
     return fingerprint([(str(p.relative_to(root)), file_digest(p)) for p in files])
 
 
+@locks_run_dir
 def run_pipeline(cfg: RunConfig, run_dir: Path, log: Log = print) -> dict:
     """Run (or resume) the whole job; returns the results written to ``results.json``."""
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import os
 from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
 
+from cdelta.errors import CdeltaError
 from cdelta.io import atomic_write_json
 
 T = TypeVar("T")
@@ -30,6 +34,23 @@ def file_digest(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
+REUSE_ERRORS = (CdeltaError, OSError, ValueError, KeyError, TypeError, IndexError, AttributeError)
+"""What a damaged artifact makes ``load`` raise: the stage is then recomputed instead."""
+
+
+def _record_of(path: Path) -> dict | None:
+    """A stage record, or None when it is missing or damaged (the stage then runs again)."""
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def _output_digests(run_dir: Path, outputs: list[str]) -> dict[str, str]:
+    return {o: file_digest(run_dir / o) for o in outputs if (run_dir / o).is_file()}
+
+
 def run_stage(
     run_dir: Path,
     name: str,
@@ -40,16 +61,92 @@ def run_stage(
     log: Callable[[str], None] = lambda message: None,
 ) -> T:
     """Run ``compute`` (which writes ``outputs`` under ``run_dir``) unless a previous run
-    with the same ``key`` left them all; then return ``load()`` instead.
+    with the same ``key`` left them all, unchanged; then return ``load()`` instead.
 
-    The stage record is written only after ``compute`` succeeds, so an interrupted
-    stage is recomputed next time.
+    The stage record (``.stages/NAME.json``: key, inputs, outputs and the outputs' sha256)
+    is written only after ``compute`` succeeds, and every artifact is written to a
+    temporary file and renamed, so an interrupted stage is recomputed next time and no
+    stage reuses a half-written artifact. An output whose bytes differ from the record's
+    sha256, a damaged record, or an output ``load`` cannot read is recomputed too.
     """
-    record = run_dir / ".stages" / f"{name}.json"
+    record_path = run_dir / ".stages" / f"{name}.json"
     digest = fingerprint(key)
-    if record.is_file() and json.loads(record.read_text()).get("key") == digest and all((run_dir / o).exists() for o in outputs):
-        log(f"{name}: reusing {', '.join(outputs)} (inputs unchanged)")
-        return load()
+    record = _record_of(record_path)
+    if record is not None and record.get("key") == digest and all((run_dir / o).exists() for o in outputs):
+        recorded = record.get("sha256")
+        changed = [o for o, d in _output_digests(run_dir, outputs).items() if isinstance(recorded, dict) and recorded.get(o) != d]
+        if changed:
+            log(f"{name}: {', '.join(changed)} changed since the stage wrote it; recomputing")
+        else:
+            try:
+                result = load()
+            except REUSE_ERRORS as exc:
+                log(f"{name}: cannot reuse {', '.join(outputs)} ({exc.__class__.__name__}: {str(exc)[:200]}); recomputing")
+            else:
+                log(f"{name}: reusing {', '.join(outputs)} (inputs unchanged)")
+                return result
     result = compute()
-    atomic_write_json(record, {"key": digest, "inputs": key, "outputs": outputs})
+    atomic_write_json(record_path, {"key": digest, "inputs": key, "outputs": outputs, "sha256": _output_digests(run_dir, outputs)})
     return result
+
+
+LOCK_NAME = ".lock"
+_HELD: dict[str, list] = {}
+
+
+@contextmanager
+def exclusive_run_dir(run_dir: Path):
+    """Hold ``run_dir/.lock`` (an OS lock, ``fcntl.flock``) while the block runs: a second
+    ``cdelta run`` into the same directory fails at once with a ``CdeltaError``. The OS
+    releases the lock when the holder exits, crashes or is killed. Re-entrant within a
+    process (``run_pipeline`` inside a locked block)."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    key = os.path.realpath(run_dir)
+    if key in _HELD:
+        _HELD[key][1] += 1
+        try:
+            yield
+        finally:
+            _HELD[key][1] -= 1
+        return
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX: no lock
+        yield
+        return
+    handle = open(run_dir / LOCK_NAME, "a+")
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip()
+            raise CdeltaError(
+                f"run directory {run_dir} is in use by another cdelta run" + (f" (pid {holder})" if holder.isdigit() else ""),
+                "wait for it to finish, or pass another --out",
+            ) from None
+        except OSError:
+            pass  # a file system without locks: run unlocked
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        _HELD[key] = [handle, 1]
+        try:
+            yield
+        finally:
+            del _HELD[key]
+    finally:
+        handle.close()
+
+
+def locks_run_dir(function: Callable[..., T]) -> Callable[..., T]:
+    """Decorator: ``function(cfg, run_dir, ...)`` runs holding ``exclusive_run_dir(run_dir)``."""
+
+    @functools.wraps(function)
+    def wrapper(cfg, run_dir, *args, **kwargs):
+        with exclusive_run_dir(Path(run_dir)):
+            return function(cfg, run_dir, *args, **kwargs)
+
+    return wrapper
