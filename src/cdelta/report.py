@@ -109,6 +109,10 @@ def _read_json(path: Path) -> dict | None:
         return None
     except json.JSONDecodeError as exc:
         raise CdeltaError(f"{path} is not valid JSON ({exc.msg})", "re-run the stage that writes it") from None
+    except UnicodeDecodeError:
+        raise CdeltaError(f"{path} is not UTF-8 JSON text", "re-run the stage that writes it") from None
+    except OSError as exc:
+        raise CdeltaError(f"cannot read {path}: {exc.strerror or exc}", "check the path and its permissions") from None
 
 
 def _arms(results: dict) -> list[Arm]:
@@ -138,7 +142,7 @@ def load_run(path: Path) -> RunData:
     results = _read_json(results_path)
     if results is None:
         raise CdeltaError(f"{results_path} does not exist", "pass a run directory written by `cdelta run` or `cdelta eval`")
-    if "edited" not in results and "sets" not in results:
+    if not isinstance(results, dict) or ("edited" not in results and "sets" not in results):
         raise CdeltaError(f"{results_path} is neither a `cdelta run` nor a `cdelta eval` result", "pass the run's results.json")
     data = RunData(run_dir, results, _arms(results), _targets(results))
     if not data.eval_only:
@@ -896,9 +900,25 @@ footer{color:#888;font-size:12px;text-align:center;padding:12px}
 """
 
 
+RESULT_SHAPE_ERRORS = (KeyError, TypeError, AttributeError, ValueError, IndexError, ZeroDivisionError, OverflowError)
+"""What rendering raises on a results.json of the wrong shape (damaged, hand-edited, or from another version)."""
+
+
 def build_report(path: Path) -> str:
-    """The complete HTML document for a run directory (or a results.json file)."""
-    data = load_run(path)
+    """The complete HTML document for a run directory (or a results.json file).
+
+    A damaged or foreign ``results.json`` (or run artifact) is a one-line ``CdeltaError``."""
+    try:
+        return _render(load_run(path))
+    except RESULT_SHAPE_ERRORS as exc:
+        raise CdeltaError(
+            f"the results in {path} are not of the shape this cdelta writes ({exc.__class__.__name__}: {str(exc)[:160]})",
+            "re-run `cdelta run` or `cdelta eval` (results.json or a run artifact is damaged, hand-edited or from another version)",
+        ) from None
+
+
+def _render(data: RunData) -> str:
+    """The HTML document of ``data``."""
     sections = [s for s in SECTIONS if not (data.eval_only and s in EDIT_SECTIONS)]
     builders = {
         "summary": section_summary, "refusal": section_refusal, "contexts": section_contexts, "utility": section_utility,

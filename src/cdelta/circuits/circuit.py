@@ -258,12 +258,30 @@ class Circuit:
 
     @classmethod
     def from_dict(cls, data: dict) -> Circuit:
-        if data.get("format") != FORMAT:
+        """A circuit from its stored dict; ``CdeltaError`` if the dict is not one ``to_dict`` writes."""
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise CdeltaError("not a cdelta circuit file", "pass a circuit.json written by `cdelta localize`")
         if int(data.get("format_version", 0)) > FORMAT_VERSION:
             raise CdeltaError(f"circuit format version {data['format_version']} is newer than this cdelta supports", "upgrade cdelta")
         meta = {k: v for k, v in data.items() if k not in ("format", "format_version", "n_layers", "n_heads", "nodes", "scores")}
-        return cls(int(data["n_layers"]), int(data["n_heads"]), {k: float(v) for k, v in data["scores"].items()}, list(data["nodes"]), meta)
+        n_layers, n_heads, scores, nodes = (data.get(k) for k in ("n_layers", "n_heads", "scores", "nodes"))
+        fix = "re-run `cdelta localize` (the circuit file is damaged or hand-edited)"
+        count = lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0  # noqa: E731
+        number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+        if not (count(n_layers) and count(n_heads)):
+            raise CdeltaError("circuit file: n_layers and n_heads must be positive integers", fix)
+        if not (isinstance(scores, dict) and all(number(v) for v in scores.values())):
+            raise CdeltaError("circuit file: scores must map node ids to numbers", fix)
+        if not (isinstance(nodes, list) and all(isinstance(n, str) for n in nodes)):
+            raise CdeltaError("circuit file: nodes must be a list of node ids", fix)
+        for node in [*scores, *nodes]:
+            try:
+                layer, head = parse_node_id(node)
+            except ValueError:
+                raise CdeltaError(f"circuit file: {node[:40]!r} is not a node id (L<layer>.H<head> or L<layer>.MLP)", fix) from None
+            if not (0 <= layer < n_layers and (head is None or 0 <= head < n_heads)):
+                raise CdeltaError(f"circuit file: node {node} lies outside {n_layers} layers of {n_heads} heads", fix)
+        return cls(n_layers, n_heads, {k: float(v) for k, v in scores.items()}, list(nodes), meta)
 
     def to_json(self, path: str | Path) -> Path:
         """Write atomically (temp file in the same directory, then rename)."""
@@ -280,4 +298,8 @@ class Circuit:
             raise CdeltaError(f"circuit file {path} does not exist", "run `cdelta localize` first or check the path") from None
         except json.JSONDecodeError as exc:
             raise CdeltaError(f"circuit file {path} is not valid JSON ({exc.msg})", "re-run `cdelta localize`") from None
+        except UnicodeDecodeError:
+            raise CdeltaError(f"circuit file {path} is not UTF-8 JSON text", "re-run `cdelta localize`") from None
+        except OSError as exc:
+            raise CdeltaError(f"cannot read circuit file {path}: {exc.strerror or exc}", "check the path") from None
         return cls.from_dict(data)

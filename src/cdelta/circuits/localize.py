@@ -103,6 +103,17 @@ def prompt_pools(prompts: PromptSet, category: str, contrast: str = "harmful", s
     return prompts.filter(category=category, split=split), pool
 
 
+MIN_PAIRS = 2
+"""Fewest clean/corrupted pairs attribution works with (and that the default split leaves to fit on)."""
+
+
+def check_n_pairs(n_pairs) -> None:
+    """CdeltaError unless ``n_pairs`` is a whole number of at least ``MIN_PAIRS``."""
+    if isinstance(n_pairs, bool) or not isinstance(n_pairs, int) or n_pairs < MIN_PAIRS:
+        raise CdeltaError(f"--n-pairs {n_pairs} is too few: localization needs at least {MIN_PAIRS} clean/corrupted prompt pairs",
+                          f"use --n-pairs {MIN_PAIRS} or more (default 32)")
+
+
 def make_pairs(
     prompts: PromptSet, category: str, contrast: str = "harmful", n_pairs: int = 32, seed: int = 0, split: str = "train"
 ) -> tuple[list[Prompt], list[Prompt], list[str]]:
@@ -112,6 +123,7 @@ def make_pairs(
     sampled with ``PromptSet.sample`` (seeded hash) and put in a seeded random order, so
     the pairing is deterministic and the contrast categories are mixed.
     """
+    check_n_pairs(n_pairs)
     target, pool = prompt_pools(prompts, category, contrast, split)
     n = min(n_pairs, len(target), len(pool))
     warnings = []
@@ -278,6 +290,7 @@ def localize(
     ``Metric`` instance; ``circuit.json`` records its ``describe()`` under ``metric``.
     Raises ``CdeltaError`` for an unknown category, contrast, method or metric.
     """
+    check_n_pairs(n_pairs)
     strategy = _EDGES if edges else _NODES
     if method not in strategy.methods:
         raise CdeltaError(f"unknown {'edge ' * edges}attribution method '{method}'", f"use one of: {', '.join(strategy.methods)}")
