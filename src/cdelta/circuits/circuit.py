@@ -261,7 +261,10 @@ class Circuit:
         """A circuit from its stored dict; ``CdeltaError`` if the dict is not one ``to_dict`` writes."""
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise CdeltaError("not a cdelta circuit file", "pass a circuit.json written by `cdelta localize`")
-        if int(data.get("format_version", 0)) > FORMAT_VERSION:
+        version = data.get("format_version", 0)
+        if not isinstance(version, int) or isinstance(version, bool):
+            raise CdeltaError(f"circuit file: format_version {str(version)[:20]!r} is not a number", "re-run `cdelta localize`")
+        if version > FORMAT_VERSION:
             raise CdeltaError(f"circuit format version {data['format_version']} is newer than this cdelta supports", "upgrade cdelta")
         meta = {k: v for k, v in data.items() if k not in ("format", "format_version", "n_layers", "n_heads", "nodes", "scores")}
         n_layers, n_heads, scores, nodes = (data.get(k) for k in ("n_layers", "n_heads", "scores", "nodes"))

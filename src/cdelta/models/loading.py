@@ -6,7 +6,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
 
 from cdelta.errors import CdeltaError
 from cdelta.models.bundled import BUNDLED, get_bundled, materialize
@@ -150,7 +149,7 @@ def load_model(
             f"could not load model '{name_or_path}': {_first_line(exc)}",
             "check the name, or pass a local model directory (this machine may be offline)",
         ) from None
-    except (ValueError, KeyError, TypeError, RuntimeError, AttributeError, ImportError, SafetensorError) as exc:
+    except Exception as exc:  # noqa: BLE001 - any failure to build the model from these files is a loading error
         raise CdeltaError(
             f"could not load model '{name_or_path}': {exc.__class__.__name__}: {_first_line(exc)}",
             "check that its config.json matches its weights and that the files are whole (copy or export it again)",
