@@ -437,6 +437,24 @@ def test_the_lock_is_released_on_return_error_and_kill(tmp_path):
         pass
 
 
+def test_taking_the_lock_sweeps_what_killed_writers_left(tmp_path):
+    from cdelta.stages import exclusive_run_dir
+
+    run_dir = tmp_path / "run"
+    (run_dir / ".stages").mkdir(parents=True)
+    stale = [run_dir / ".delta.safetensors.abc123.tmp", run_dir / ".stages" / ".edit.json.xyz.tmp"]
+    for path in stale:
+        path.write_bytes(b"half")
+    (run_dir / ".checkpoint.q1w2e3" / "model").mkdir(parents=True)
+    kept = [run_dir / "delta.safetensors", run_dir / "notes.tmp"]
+    for path in kept:
+        path.write_bytes(b"whole")
+    with exclusive_run_dir(run_dir):
+        pass
+    assert not any(p.exists() for p in stale) and not (run_dir / ".checkpoint.q1w2e3").exists()
+    assert all(p.exists() for p in kept)
+
+
 # --------------------------------------------------------------------------- 4. security defaults
 
 

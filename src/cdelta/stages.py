@@ -6,6 +6,7 @@ import functools
 import hashlib
 import json
 import os
+import shutil
 from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
@@ -132,6 +133,7 @@ def exclusive_run_dir(run_dir: Path):
         handle.truncate()
         handle.write(str(os.getpid()))
         handle.flush()
+        sweep_stale_temporaries(run_dir)
         _HELD[key] = [handle, 1]
         try:
             yield
@@ -139,6 +141,22 @@ def exclusive_run_dir(run_dir: Path):
             del _HELD[key]
     finally:
         handle.close()
+
+
+def sweep_stale_temporaries(run_dir: Path) -> list[Path]:
+    """Remove what writers killed mid-write left in ``run_dir``: ``.NAME.*.tmp`` files of
+    ``atomic_write_bytes`` and ``.checkpoint.*`` staging directories of the export. Only
+    called while holding the run directory's lock, so no live writer owns them."""
+    removed = []
+    for path in sorted(run_dir.rglob(".*.tmp")):
+        if path.is_file() and not path.is_symlink():
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    for path in sorted(run_dir.glob(".checkpoint.*")):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
 
 
 def locks_run_dir(function: Callable[..., T]) -> Callable[..., T]:
