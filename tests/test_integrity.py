@@ -586,3 +586,20 @@ def test_eval_on_a_full_disk_is_one_line_and_writes_nothing(monkeypatch, capsys,
                    "--max-new-tokens", "2", "--mmlu-n", "0", "--backend", "transformers", "--out", str(out))
     assert "no space left on the device while writing" in message and "r.json" in message
     assert not out.exists() and not [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_full_disk_anywhere_is_one_line(monkeypatch, capsys, tmp_path):
+    def full_app():
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "run.log"))
+
+    monkeypatch.setattr(cli, "app", full_app)
+    message = _cli(monkeypatch, capsys, "run")
+    assert "no space left on the device" in message and "run.log" in message
+
+    def other_error():
+        raise OSError(errno.EIO, "I/O error")
+
+    monkeypatch.setattr(cli, "app", other_error)
+    monkeypatch.setattr(sys, "argv", ["cdelta"])
+    with pytest.raises(OSError):  # not a disk-space or permission problem: not disguised as one
+        cli.main()

@@ -433,10 +433,19 @@ def compare_cmd(
 
 def main() -> None:
     """Console entry point: user errors become one line on stderr and exit status 2."""
+    from cdelta.io import DISK_ERRNOS
+
     try:
         app()
     except CdeltaError as exc:
         Console(stderr=True).print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except OSError as exc:  # a full disk (or quota, read-only, permissions) met outside cdelta's own writers
+        if exc.errno not in DISK_ERRNOS:
+            raise
+        where = f" ({exc.filename})" if exc.filename else ""
+        Console(stderr=True).print(f"[bold red]error:[/] {DISK_ERRNOS[exc.errno]}{where}. free disk space or fix the permissions, then run again",
+                                   highlight=False, soft_wrap=True)
         sys.exit(2)
 
 
