@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from cdelta import cli
 from cdelta.errors import CdeltaError
 from cdelta.models import integrity
-from cdelta.models.integrity import check_checkpoint, file_sha256
+from cdelta.models.integrity import file_sha256
 from cdelta.models.loading import load_model, weights_hash
 
 SRC = Path(__file__).resolve().parents[1] / "src"
