@@ -144,16 +144,20 @@ def test_evaluation_reports_every_context_with_its_range(tiny):
 
 
 def test_training_in_contexts_adds_one_copy_per_context():
-    from cdelta.edit.data import in_train_contexts, pairs_from_json, refusal_pairs
+    from cdelta.edit.data import in_contexts, pairs_from_json, refusal_pairs
 
     prompts = load_builtin()
     target = prompts.filter(category="cybercrime", split="train")
-    assert in_train_contexts(target, prompts, []).chats() == target.chats()
-    placed = in_train_contexts(target, prompts, ["system", "conversation", "rephrased"])
+    assert in_contexts(target, prompts, []).chats() == target.chats()
+    placed = in_contexts(target, prompts, ["system", "conversation", "rephrased"])
     assert len(placed) == 4 * len(target) and len({p.id for p in placed}) == len(placed)
     train_systems = {r["text"] for r in instances("system_prompts", "train")}
     systems = [p.context[0][1] for p in placed if p.context and p.context[0][0] == "system"]
     assert systems and set(systems) <= train_systems, "training draws only train-split instances"
+    val = prompts.filter(category="cybercrime", split="val")
+    val_systems = {r["text"] for r in instances("system_prompts", "val")}
+    chosen = [p.context[0][1] for p in in_contexts(val, prompts, ["system"], "val") if p.context]
+    assert chosen and set(chosen) <= val_systems, "selection draws only val-split instances"
     pairs = refusal_pairs(placed, "cybercrime")
     import json
 

@@ -365,6 +365,19 @@ def apply_delta_cmd(
     out.print(f"applied {info['params_touched']:,} changed weights ({info['category']}){overlap} -> {out_dir}")
 
 
+@app.command("contexts")
+def contexts_cmd(
+    base: Annotated[Path, typer.Argument(help="results.json of the base model (cdelta eval).")],
+    edited: Annotated[Path, typer.Argument(help="results.json of the edited model, same sets and contexts.")],
+    category: Annotated[list[str], typer.Option(help="Target category (repeat for several).")] = ["cybercrime"],
+) -> None:
+    """Per deployment context: target refusal, worst other-category rise, and harmless,
+    look-alike and own-field look-alike changes of an edited model against its base."""
+    from cdelta.context_summary import context_summary, markdown, read_evaluation
+
+    out.print(markdown(context_summary(read_evaluation(base), read_evaluation(edited), category)), markup=False)
+
+
 @app.command("report")
 def report_cmd(run_dir: Annotated[Path, typer.Argument(help="Run directory (or an eval results.json).")]) -> None:
     """Rebuild the self-contained HTML report of a run or an evaluation."""

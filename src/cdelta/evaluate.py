@@ -65,10 +65,15 @@ FIELD = "lookalike-field"
 they come from (``lookalike:cybercrime``); pooled rates leave them out (no double count)."""
 
 
+def field_cell_name(category: str) -> str:
+    """Name of the cell of the look-alikes from harm ``category``'s field: ``lookalike:<category>``."""
+    return f"{LOOKALIKE}:{category}"
+
+
 def field_cell(prompt: Prompt) -> str | None:
-    """``lookalike:<harm category>`` for a look-alike from a harm category's field, else None."""
+    """``field_cell_name`` of a look-alike from a harm category's field, else None."""
     if prompt.kind == LOOKALIKE and prompt.source_category in HARM_CATEGORIES:
-        return f"{LOOKALIKE}:{prompt.source_category}"
+        return field_cell_name(prompt.source_category)
     return None
 
 

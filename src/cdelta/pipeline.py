@@ -23,7 +23,7 @@ from cdelta.config import RunConfig, check_targets
 from cdelta.data.builtin import load_builtin, load_pairs, load_twins
 from cdelta.data.prompts import HARMLESS, LOOKALIKE, TWIN, PromptSet
 from cdelta.data.public import check_trainable
-from cdelta.edit.data import Pair, first_compliant, in_train_contexts, own_reply_pairs, pairs_from_json, refusal_pairs, retain_prompts
+from cdelta.edit.data import Pair, first_compliant, in_contexts, own_reply_pairs, pairs_from_json, refusal_pairs, retain_prompts
 from cdelta.edit.delta import Delta, apply_to_model, compose, load_sparse, save_sparse
 from cdelta.edit.export import export_edit, write_model_card
 from cdelta.edit.gate import GATE_RECIPE, choose_threshold, decision_open_rates, fit_gate, gated_finetune
@@ -387,10 +387,10 @@ def build_edit(cfg: RunConfig, run_dir: Path, lm: LoadedModel, log: Log = print,
     # 2. data: the base model's own replies to retain; target replies to learn
     clock = time.perf_counter()
     judge = get_judge(cfg.judge)
-    retain_set = in_train_contexts(retain_prompts(prompts, cfg.category, cfg.retain_counts(), cfg.seed), prompts, cfg.train_contexts, cfg.seed)
+    retain_set = in_contexts(retain_prompts(prompts, cfg.category, cfg.retain_counts(), cfg.seed), prompts, cfg.train_contexts, "train", cfg.seed)
     retain = _cached_pairs(run_dir, "retain", {**base_key, "prompts": prompts_digest(retain_set)},
                            lambda: own_reply_pairs(lm.model, lm.tokenizer, retain_set, 16), log)
-    target = in_train_contexts(prompts.filter(split="train", category=cfg.category), prompts, cfg.train_contexts, cfg.seed)
+    target = in_contexts(prompts.filter(split="train", category=cfg.category), prompts, cfg.train_contexts, "train", cfg.seed)
     target_key = {**base_key, "prompts": prompts_digest(target)}
     if cfg.direction == "refuse":
         learned = sum((refusal_pairs(target.filter(category=c), c, cfg.seed) for c in cfg.category), [])
@@ -420,7 +420,7 @@ def build_edit(cfg: RunConfig, run_dir: Path, lm: LoadedModel, log: Log = print,
     # k is chosen on a capped sample (it generates); an automatic gate threshold on every
     # validation prompt (forward passes only: 8 prompts of a category cannot steer it)
     val = validation_prompts(prompts, cfg.category, cfg.seed)
-    gate_val = prompts.filter(split="val")
+    gate_val = in_contexts(prompts.filter(split="val"), prompts, cfg.train_contexts, "val", cfg.seed)  # selection sees val contexts
     if cfg.variant == "gated" and cfg.gate_threshold == "auto":
         edit_key["gate_val"] = prompts_digest(gate_val)
 

@@ -24,14 +24,14 @@ def pairs_from_json(rows: list) -> list[Pair]:
     return [(prompt if isinstance(prompt, str) else tuple(tuple(m) for m in prompt), reply) for prompt, reply in rows]
 
 
-def in_train_contexts(chosen: PromptSet, prompts: PromptSet, contexts: list[str], seed: int = 0) -> PromptSet:
+def in_contexts(chosen: PromptSet, prompts: PromptSet, contexts: list[str], split: str = "train", seed: int = 0) -> PromptSet:
     """``chosen`` followed by one copy of it per context of ``contexts``, each with context
-    instances from the library's train split (same-turn conversations put a train-split
-    harmless request of ``prompts`` first)."""
-    harmless = harmless_requests(prompts, "train")
+    instances from the library's ``split`` (same-turn conversations put a harmless request
+    of ``prompts``' same split first): training uses train instances, selection val ones."""
+    harmless = harmless_requests(prompts, split)
     out = chosen
     for context in contexts:
-        out = out + contextualize(chosen, context, "train", seed, harmless)
+        out = out + contextualize(chosen, context, split, seed, harmless)
     return PromptSet(chosen.name, out.prompts)
 
 
