@@ -154,6 +154,9 @@ def test_training_in_contexts_adds_one_copy_per_context():
     train_systems = {r["text"] for r in instances("system_prompts", "train")}
     systems = [p.context[0][1] for p in placed if p.context and p.context[0][0] == "system"]
     assert systems and set(systems) <= train_systems, "training draws only train-split instances"
+    mixed = in_contexts(target, prompts, ["system", "conversation", "rephrased"], every=False)
+    assert len(mixed) == 2 * len(target) and {p.id.split("@")[0] for p in mixed.prompts[len(target):]} == {p.id for p in target}
+    assert sum(bool(p.context) and p.context[0][0] == "system" for p in mixed) not in (0, len(target)), "contexts are mixed"
     val = prompts.filter(category="cybercrime", split="val")
     val_systems = {r["text"] for r in instances("system_prompts", "val")}
     chosen = [p.context[0][1] for p in in_contexts(val, prompts, ["system"], "val") if p.context]

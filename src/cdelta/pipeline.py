@@ -387,7 +387,8 @@ def build_edit(cfg: RunConfig, run_dir: Path, lm: LoadedModel, log: Log = print,
     # 2. data: the base model's own replies to retain; target replies to learn
     clock = time.perf_counter()
     judge = get_judge(cfg.judge)
-    retain_set = in_contexts(retain_prompts(prompts, cfg.category, cfg.retain_counts(), cfg.seed), prompts, cfg.train_contexts, "train", cfg.seed)
+    retain_set = in_contexts(retain_prompts(prompts, cfg.category, cfg.retain_counts(), cfg.seed), prompts, cfg.train_contexts, "train",
+                             cfg.seed, every=False)
     retain = _cached_pairs(run_dir, "retain", {**base_key, "prompts": prompts_digest(retain_set)},
                            lambda: own_reply_pairs(lm.model, lm.tokenizer, retain_set, 16), log)
     target = in_contexts(prompts.filter(split="train", category=cfg.category), prompts, cfg.train_contexts, "train", cfg.seed)

@@ -24,14 +24,26 @@ def pairs_from_json(rows: list) -> list[Pair]:
     return [(prompt if isinstance(prompt, str) else tuple(tuple(m) for m in prompt), reply) for prompt, reply in rows]
 
 
-def in_contexts(chosen: PromptSet, prompts: PromptSet, contexts: list[str], split: str = "train", seed: int = 0) -> PromptSet:
-    """``chosen`` followed by one copy of it per context of ``contexts``, each with context
-    instances from the library's ``split`` (same-turn conversations put a harmless request
-    of ``prompts``' same split first): training uses train instances, selection val ones."""
+def in_contexts(chosen: PromptSet, prompts: PromptSet, contexts: list[str], split: str = "train", seed: int = 0,
+                every: bool = True) -> PromptSet:
+    """``chosen`` followed by copies of it in ``contexts``, with context instances from the
+    library's ``split`` (same-turn conversations put a harmless request of ``prompts``' same
+    split first): training uses train instances, selection val ones. ``every``: one copy
+    per context; else one copy per prompt, in the context a seeded hash of its id draws
+    (the same mix of contexts at 1/len(contexts) of the cost)."""
+    if not contexts:
+        return chosen
     harmless = harmless_requests(prompts, split)
+    if every:
+        groups = {context: chosen for context in contexts}
+    else:
+        drawn = {context: [] for context in contexts}
+        for prompt in chosen:
+            drawn[contexts[random.Random(f"{seed}:context:{prompt.id}").randrange(len(contexts))]].append(prompt)
+        groups = {context: PromptSet(chosen.name, members) for context, members in drawn.items()}
     out = chosen
-    for context in contexts:
-        out = out + contextualize(chosen, context, split, seed, harmless)
+    for context, members in groups.items():
+        out = out + contextualize(members, context, split, seed, harmless)
     return PromptSet(chosen.name, out.prompts)
 
 
