@@ -262,6 +262,31 @@ def test_gguf_read_back_gives_the_checkpoint_logits(kind, tmp_path):
     assert tokenizer.chat_template == reference.chat_template and tokenizer.eos_token == "<|im_end|>"
 
 
+def test_gguf_of_a_mistral_and_sentencepiece_is_refused(tmp_path):
+    from transformers import MistralConfig, MistralForCausalLM
+
+    tokenizer = make_tokenizer()
+    torch.manual_seed(0)
+    model = MistralForCausalLM(MistralConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)).eval()
+    base = tmp_path / "base-mistral"
+    model.save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    run = _run_dir(tmp_path, base, _sliced_delta(base))
+    summary = export(export_source(run), "gguf", tmp_path / "g", gguf_type="f32")
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "g", gguf_file=Path(summary["file"]).name)
+    checkpoint = AutoModelForCausalLM.from_pretrained(run / "checkpoint")
+    assert type(back).__name__ in ("MistralForCausalLM", "LlamaForCausalLM")  # llama.cpp's llama architecture: the same computation
+    assert float((_logits(back) - _logits(checkpoint)).abs().max()) <= 1e-4 * float(_logits(checkpoint).abs().max())
+
+    spm = json.loads((run / "checkpoint" / "tokenizer.json").read_text())
+    spm["model"]["byte_fallback"] = True
+    (run / "checkpoint" / "tokenizer.json").write_text(json.dumps(spm))
+    with pytest.raises(CdeltaError, match="byte-level BPE tokenizers only") as info:
+        export(export_source(run), "gguf", tmp_path / "g2")
+    assert "\n" not in str(info.value) and not list((tmp_path / "g2").glob("*.gguf"))
+
+
 def test_gguf_from_delta_and_base_needs_the_matching_base(tmp_path):
     base = _base_dir(tmp_path, "llama")
     delta = _sliced_delta(base)

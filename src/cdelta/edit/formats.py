@@ -33,6 +33,9 @@ from cdelta.edit.delta import Delta, count_touched, load_sparse, write_edited_ch
 from cdelta.errors import CdeltaError
 
 FORMATS = ("checkpoint", "peft", "gguf")
+GGUF_PRE = {"HuggingFaceTB/SmolLM2-135M-Instruct": "smollm", "Qwen/Qwen2.5-Coder-0.5B-Instruct": "qwen2"}
+"""llama.cpp's pre-tokenizer of the bundled models' upstream (their dequantized copies' tokenizer.json
+no longer says: transformers rebuilt it from the GGUF with its default byte-level split)."""
 DEFAULT_RANK_CAP = 64
 
 
@@ -372,7 +375,7 @@ def export(source: ExportSource, fmt: str, out: Path, rank: int | None = None, g
         out.mkdir(parents=True, exist_ok=True)
         name = Path(str(provenance["base_model"] or info.get("base_model") or "model")).name
         summary.update(write_gguf(source.edited_checkpoint(), out / f"{_slug(name)}-cdelta-{gguf_type}.gguf", gguf_type,
-                                  name=f"{name} cdelta {info.get('category', '')}".strip()))
+                                  name=f"{name} cdelta {info.get('category', '')}".strip(), pre=GGUF_PRE.get(provenance["base_model"])))
     write_model_card(out, info, results=source.results, fmt=fmt, provenance=provenance,
                      files={k: summary[k] for k in ("file", "gguf_type") if k in summary}, adapter=summary if fmt == "peft" else None)
     return summary

@@ -6,9 +6,11 @@ does to the values, and what is undone on reading (transformers' GGUF loader und
 
 * llama and mistral (``llama`` architecture): the rows of ``q_proj``/``k_proj`` are reordered from
   the rotary halves HF uses to llama.cpp's interleaved pairs, per head;
-* qwen2: no reordering (llama.cpp's rotary mode for qwen2 is the halves' one);
-* gemma2/gemma3: norm weights are stored plus one (llama.cpp's RMS norm multiplies by the weight,
-  Gemma's by one plus it).
+* qwen2: no reordering (llama.cpp's rotary mode for qwen2 is the halves' one).
+
+The tokenizer is written as llama.cpp's ``gpt2`` (byte-level BPE) vocabulary: SmolLM, Qwen2,
+Llama 3 and the like. SentencePiece vocabularies (Llama 2, Mistral 7B, Gemma) need the scores of
+their ``tokenizer.model`` and are refused, as are the Gemma families, whose GGUF layout differs.
 
 1-D tensors (norms, biases) stay F32 whatever the file type, as llama.cpp keeps them; a matrix
 whose rows do not split into Q8_0 blocks of 32 falls back to F16.
@@ -24,15 +26,12 @@ import numpy as np
 from cdelta.errors import CdeltaError
 
 GGUF_TYPES = ("f32", "f16", "q8_0")
-GGUF_FAMILIES = ("llama", "mistral", "qwen2", "gemma2", "gemma3_text")
-_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "gemma2": "gemma2", "gemma3_text": "gemma3"}
+GGUF_FAMILIES = ("llama", "mistral", "qwen2")
+_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
 
 
 def _config(checkpoint: Path) -> dict:
-    config = json.loads((checkpoint / "config.json").read_text(encoding="utf-8"))
-    if config.get("model_type") == "gemma3" and "text_config" in config:
-        raise CdeltaError("GGUF export of the multimodal gemma3 checkpoint is not supported", "export --format checkpoint or peft")
-    return config
+    return json.loads((checkpoint / "config.json").read_text(encoding="utf-8"))
 
 
 def _rope_theta(config: dict) -> float:
@@ -72,7 +71,7 @@ def _pre_tokenizer(tokenizer_json: dict, model_type: str) -> str:
     return "gpt-2" if kinds == ["ByteLevel"] else "default"
 
 
-def _write_tokenizer(writer, checkpoint: Path, model_type: str) -> None:
+def _write_tokenizer(writer, checkpoint: Path, model_type: str, pre: str | None = None) -> None:
     """Vocabulary, merges, special ids and chat template of a byte-level BPE tokenizer."""
     import gguf
     from transformers import AutoTokenizer
@@ -96,7 +95,7 @@ def _write_tokenizer(writer, checkpoint: Path, model_type: str) -> None:
             types[added["id"]] = gguf.TokenType.CONTROL if added.get("special") else gguf.TokenType.USER_DEFINED
     merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(_pre_tokenizer(data, model_type))
+    writer.add_tokenizer_pre(pre or _pre_tokenizer(data, model_type))
     writer.add_token_list(tokens)
     writer.add_token_types([int(t) for t in types])
     writer.add_token_merges(merges)
@@ -124,15 +123,9 @@ def _hyperparameters(writer, config: dict, model_type: str) -> None:
     writer.add_vocab_size(int(config["vocab_size"]))
     if model_type in ("llama", "mistral"):
         writer.add_rope_dimension_count(int(head_dim))
-    if head_dim != hidden // heads or model_type.startswith("gemma"):
+    if head_dim != hidden // heads:
         writer.add_key_length(int(head_dim))
         writer.add_value_length(int(head_dim))
-    if model_type.startswith("gemma"):
-        if config.get("sliding_window"):
-            writer.add_sliding_window(int(config["sliding_window"]))
-    if model_type == "gemma2":
-        writer.add_attn_logit_softcapping(float(config.get("attn_logit_softcapping") or 0.0))
-        writer.add_final_logit_softcapping(float(config.get("final_logit_softcapping") or 0.0))
     scaling = _rope_scaling(config)
     if scaling is not None:
         kind = scaling.get("rope_type", scaling.get("type"))
@@ -144,11 +137,12 @@ def _hyperparameters(writer, config: dict, model_type: str) -> None:
         writer.add_rope_scaling_factor(float(scaling["factor"]))
 
 
-def write_gguf(checkpoint: Path, out_file: Path, gguf_type: str = "f16", name: str | None = None) -> dict:
+def write_gguf(checkpoint: Path, out_file: Path, gguf_type: str = "f16", name: str | None = None, pre: str | None = None) -> dict:
     """Write ``checkpoint`` (a safetensors HF directory) as one GGUF file; returns a summary.
 
-    ``gguf_type``: ``f32``, ``f16`` or ``q8_0`` (matrices; 1-D tensors stay F32). CdeltaError for a
-    family or tokenizer llama.cpp's layout is not written for here.
+    ``gguf_type``: ``f32``, ``f16`` or ``q8_0`` (matrices; 1-D tensors stay F32); ``pre``: llama.cpp's
+    pre-tokenizer name (default: recognized from tokenizer.json). CdeltaError for a family or
+    tokenizer llama.cpp's layout is not written for here.
     """
     import gguf
     import torch
@@ -182,15 +176,12 @@ def write_gguf(checkpoint: Path, out_file: Path, gguf_type: str = "f16", name: s
     with disk_errors(f"writing {out_file}"):
         out_file.parent.mkdir(parents=True, exist_ok=True)
         writer = gguf.GGUFWriter(str(tmp), arch_name)
-        general = name or checkpoint.name
-        if model_type == "mistral" and "mistral" not in general.lower():
-            general = f"mistral {general}"  # readers tell mistral from llama by this name
-        writer.add_name(general)
+        writer.add_name(name or checkpoint.name)
         writer.add_file_type(int(file_type))
         if gguf_type == "q8_0":
             writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         _hyperparameters(writer, config, model_type)
-        _write_tokenizer(writer, checkpoint, model_type)
+        _write_tokenizer(writer, checkpoint, model_type, pre)
         for hf_name in sorted(tensors):
             stem, _, suffix = hf_name.rpartition(".")
             mapped = names.get_name(stem)
@@ -203,8 +194,6 @@ def write_gguf(checkpoint: Path, out_file: Path, gguf_type: str = "f16", name: s
                 data = _permute_rotary(data, heads)
             elif arch_name == "llama" and stem.endswith("self_attn.k_proj"):
                 data = _permute_rotary(data, kv_heads)
-            if model_type.startswith("gemma") and stem.endswith("norm"):
-                data = data + 1.0
             data, qtype = _encode(np.ascontiguousarray(data, dtype=np.float32), gguf_type)
             counts[qtype.name] = counts.get(qtype.name, 0) + 1
             writer.add_tensor(f"{mapped}.{suffix}", data, raw_dtype=qtype)
