@@ -92,6 +92,11 @@ def _headline_table(metrics: dict) -> list[str]:
     return lines
 
 
+def _vllm_rank(rank: int) -> int:
+    """The smallest ``--max-lora-rank`` vLLM accepts that holds ``rank``."""
+    return next((r for r in (8, 16, 32, 64, 128, 256, 320, 512) if r >= rank), rank)
+
+
 def _how_to_load(fmt: str, base: str, files: dict, adapter: dict | None) -> list[str]:
     if fmt == "peft":
         max_rank = max((m["rank"] for m in (adapter or {}).get("modules", {}).values()), default=8)
@@ -103,7 +108,7 @@ def _how_to_load(fmt: str, base: str, files: dict, adapter: dict | None) -> list
             "model = model.merge_and_unload()  # optional: plain transformers weights, identical to the edited checkpoint",
             f'tokenizer = AutoTokenizer.from_pretrained("{base}")', "```", "",
             "Served by [vLLM](https://docs.vllm.ai/en/latest/features/lora.html) as a LoRA module:", "", "```bash",
-            f"vllm serve {base} --enable-lora --lora-modules cdelta=PATH/TO/THIS/DIRECTORY --max-lora-rank {max(8, max_rank)}",
+            f"vllm serve {base} --enable-lora --lora-modules cdelta=PATH/TO/THIS/DIRECTORY --max-lora-rank {_vllm_rank(max_rank)}",
             "```",
         ]
         if adapter and adapter.get("lora_bias"):

@@ -227,11 +227,16 @@ def _linear_modules(config: dict) -> dict[str, bool]:
     """``{module name: has bias}`` of the model's ``nn.Linear`` modules (built on the meta device)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / "config.json").write_text(json.dumps(config), encoding="utf-8")
-        hf_config = AutoConfig.from_pretrained(tmp)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(hf_config)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / "config.json").write_text(json.dumps(config), encoding="utf-8")
+            hf_config = AutoConfig.from_pretrained(tmp)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(hf_config)
+    except (ValueError, KeyError, ImportError, OSError) as exc:
+        raise CdeltaError(f"cannot build the {config.get('model_type')!r} model from its config to find its Linear modules: "
+                          f"{str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__}",
+                          "export --format checkpoint, or a model transformers knows without remote code") from None
     return {name: module.bias is not None for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
 
 
