@@ -8,6 +8,7 @@ Q8_0 within its quantization error); bad input is one line.
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -284,7 +285,7 @@ def test_gguf_of_a_mistral_and_sentencepiece_is_refused(tmp_path):
     (run / "checkpoint" / "tokenizer.json").write_text(json.dumps(spm))
     with pytest.raises(CdeltaError, match="byte-level BPE tokenizers only") as info:
         export(export_source(run), "gguf", tmp_path / "g2")
-    assert "\n" not in str(info.value) and not list((tmp_path / "g2").glob("*.gguf"))
+    assert "\n" not in str(info.value) and not (tmp_path / "g2").exists()
 
 
 def test_gguf_from_delta_and_base_needs_the_matching_base(tmp_path):
@@ -357,6 +358,12 @@ def test_cli_bad_inputs_are_one_line(monkeypatch, capsys, tmp_path):
     assert "--base" in message
     message = _cli_error(monkeypatch, capsys, "export", str(run), "--format", "gguf", "--gguf-type", "q4_k", "--out", str(tmp_path / "a"))
     assert "q4_k" in message
+    orphan = _run_dir(tmp_path, base, _sliced_delta(base), base_model="gone/model", name="orphan")
+    shutil.rmtree(orphan / "checkpoint")
+    for fmt in ("checkpoint", "gguf", "peft"):
+        message = _cli_error(monkeypatch, capsys, "export", str(orphan), "--format", fmt, "--out", str(tmp_path / "a"))
+        assert "--delta DELTA --base MODEL" in message
+    assert not (tmp_path / "a").exists()
 
 
 def _cli_ok(monkeypatch, *args) -> None:

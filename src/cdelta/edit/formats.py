@@ -372,15 +372,24 @@ def export(source: ExportSource, fmt: str, out: Path, rank: int | None = None, g
     if fmt == "checkpoint":
         if source.checkpoint_dir is not None:
             _copy_dir(source.checkpoint_dir, out)
-        else:
+        elif source.base_dir is not None:
             write_edited_checkpoint(source.base_dir, source.delta, out)
+        else:
+            source.edited_checkpoint()  # raises: neither the run's checkpoint nor its base
     elif fmt == "peft":
         summary.update(write_peft_adapter(source, out, rank, log))
     else:
+        checkpoint = source.edited_checkpoint()
+        created = not out.exists()
         out.mkdir(parents=True, exist_ok=True)
         name = Path(str(provenance["base_model"] or info.get("base_model") or "model")).name
-        summary.update(write_gguf(source.edited_checkpoint(), out / f"{_slug(name)}-cdelta-{gguf_type}.gguf", gguf_type,
-                                  name=f"{name} cdelta {info.get('category', '')}".strip(), pre=GGUF_PRE.get(provenance["base_model"])))
+        try:
+            summary.update(write_gguf(checkpoint, out / f"{_slug(name)}-cdelta-{gguf_type}.gguf", gguf_type,
+                                      name=f"{name} cdelta {info.get('category', '')}".strip(), pre=GGUF_PRE.get(provenance["base_model"])))
+        except BaseException:
+            if created:
+                shutil.rmtree(out, ignore_errors=True)
+            raise
     write_model_card(out, info, results=source.results, fmt=fmt, provenance=provenance,
                      files={k: summary[k] for k in ("file", "gguf_type") if k in summary}, adapter=summary if fmt == "peft" else None)
     return summary
