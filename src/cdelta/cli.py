@@ -365,6 +365,30 @@ def apply_delta_cmd(
     out.print(f"applied {info['params_touched']:,} changed weights ({info['category']}){overlap} -> {out_dir}")
 
 
+@app.command("export")
+def export_cmd(
+    out_path: Annotated[Path, typer.Option("--out", "-o", help="Output directory (the adapter, checkpoint, or GGUF file and its card).")],
+    run_dir: Annotated[Optional[Path], typer.Argument(help="Run directory written by cdelta run (or give --delta and --base).")] = None,
+    fmt: Annotated[str, typer.Option("--format", "-f", help="checkpoint, peft (LoRA adapter) or gguf (llama.cpp); docs/formats.md.")] = "checkpoint",
+    delta: Annotated[Optional[Path], typer.Option(help="A delta.safetensors instead of a run directory (with --base).")] = None,
+    base: Annotated[Optional[str], typer.Option(help="With --delta: the base model (bundled name or local directory) it was made from.")] = None,
+    rank: Annotated[Optional[int], typer.Option(help="peft: rank cap per module; above it a truncated SVD (default 64; 0: always exact).")] = None,
+    gguf_type: Annotated[str, typer.Option(help="gguf: f32, f16 or q8_0.")] = "f16",
+) -> None:
+    """Write an edit as a checkpoint, a PEFT LoRA adapter or a GGUF file, each with a model card."""
+    from cdelta.edit.formats import check_format, export, export_source, rank_summary
+
+    _quiet_libraries()
+    check_format(fmt, gguf_type.lower())
+    source = export_source(run_dir, delta, base)
+    try:
+        summary = export(source, fmt, out_path, rank=rank, gguf_type=gguf_type.lower(), log=lambda m: console.print(f"[yellow]{m}[/]", highlight=False))
+    finally:
+        source.cleanup()
+    detail = {"peft": lambda: rank_summary(summary["modules"]), "gguf": lambda: f"{summary['file']} ({summary['gguf_type'].upper()}, {summary['bytes']:,} bytes)"}
+    out.print(f"wrote {fmt} to {out_path}" + (f": {detail[fmt]()}" if fmt in detail else ""))
+
+
 @app.command("contexts")
 def contexts_cmd(
     base: Annotated[Path, typer.Argument(help="results.json of the base model (cdelta eval).")],
