@@ -3,12 +3,15 @@
 The hashes were measured at 6b4913b (before the behaviour-preserving restructure of
 issue #23) and checked to be identical across separate processes. A change here means
 the edit itself changed: a restructure must leave them as they are; a deliberate
-change of the method updates them in the same commit and says why.
+change of the method updates them in the same commit and says why. Float reductions
+split work by thread, so the test runs torch with the 2 threads they were measured with
+(on any number of cores).
 """
 
 import hashlib
 
 import pytest
+import torch
 
 from cdelta.config import RunConfig
 from cdelta.pipeline import run_pipeline
@@ -38,8 +41,16 @@ def delta_sha256(variant: str, model_dir, run_dir) -> str:
     return hashlib.sha256((run_dir / "delta.safetensors").read_bytes()).hexdigest()
 
 
+@pytest.fixture
+def two_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("variant", sorted(GOLDEN))
-def test_delta_matches_golden_hash(variant, tiny_llama_dir, tmp_path, monkeypatch):
+def test_delta_matches_golden_hash(variant, tiny_llama_dir, tmp_path, monkeypatch, two_threads):
     monkeypatch.setenv("CDELTA_CACHE_DIR", str(tmp_path / "cache"))
     # the evaluation after export does not touch the delta: a short perplexity text keeps it quick
     monkeypatch.setattr("cdelta.data.public.load_ppl_text", lambda chars: "The sea is blue and the sky is wide. " * 4)
