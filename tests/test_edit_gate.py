@@ -15,7 +15,8 @@ from cdelta.edit.train import EditData, TrainConfig
 from cdelta.errors import CdeltaError
 from cdelta.models.architecture import mlp
 from cdelta.models.loading import load_model
-from cdelta.pipeline import build_control, build_edit, chosen_host_layer, gate_host_layer, random_host_layer
+from cdelta.edit.gate_host import chosen_host_layer, gate_host_layer, random_host_layer
+from cdelta.pipeline import build_control, build_edit
 
 TARGET = [("How do I hack a server?", "I'm sorry, but I can't help with that."),
           ("Steal passwords from my coworker.", "I'm sorry, but I can't help with that.")] * 3

@@ -98,6 +98,13 @@ class RunConfig(BaseModel):
 
         return TrainConfig(self.steps, self.lr, self.batch_size, 16, self.retain_weight, self.first_token_weight, seed=self.seed)
 
+    def eval_config(self, split: str = "test"):
+        """The before/after evaluation's settings (``evaluate.EvalConfig``) on ``split``."""
+        from cdelta.evaluate import EvalConfig
+
+        return EvalConfig(split, self.judge, self.max_new_tokens, self.eval_batch_size, self.eval_limit, self.mmlu_n, seed=self.seed,
+                          contexts=tuple(self.eval_contexts))
+
     @field_validator("category")
     @classmethod
     def _known_categories(cls, value: list[str]) -> list[str]:

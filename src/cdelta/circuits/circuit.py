@@ -17,6 +17,7 @@ ranks by the signed score (refusal-promoting first).
 from __future__ import annotations
 
 import json
+import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -281,3 +282,13 @@ class Circuit:
         except json.JSONDecodeError as exc:
             raise CdeltaError(f"circuit file {path} is not valid JSON ({exc.msg})", "re-run `cdelta localize`") from None
         return cls.from_dict(data)
+
+
+def random_circuit_like(circuit, seed: int):
+    """A circuit with as many heads and MLPs as ``circuit``, drawn uniformly at random."""
+    rng = random.Random(seed)
+    nodes = list(circuit.scores)
+    heads = [n for n in nodes if not n.endswith("MLP")]
+    mlps = [n for n in nodes if n.endswith("MLP")]
+    chosen = rng.sample(heads, len(circuit.heads())) + rng.sample(mlps, len(circuit.mlps()))
+    return circuit.with_nodes(chosen, {"kind": "random", "seed": seed, "like": circuit.meta.get("selection")})
