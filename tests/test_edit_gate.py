@@ -149,7 +149,7 @@ def test_gated_finetune_touches_only_the_gate_neurons_and_learns_the_target(tiny
     shut = gate.margin(x_retain) < -1.0  # a probe-logit unit below the threshold
     assert gate.fires(x_target).float().mean() > 0.5 and shut.float().mean() > 0.5
 
-    config = TrainConfig(steps=40, lr=1e-2, batch_size=4, retain_batch_size=4)
+    config = TrainConfig(steps=40, lr=1e-2, batch_size=4, retain_batch_size=4, retain_weight=1.0)
     delta = gated_finetune(lm.model, lm.tokenizer, gate, EditData(TARGET, RETAIN), config, progress=False)
     for name, param in lm.model.named_parameters():
         assert torch.equal(param, before[name]), "the base model must be restored exactly"
