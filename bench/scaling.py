@@ -169,7 +169,7 @@ def worker(args) -> None:
     warm = run_localize(2, steps=1)
     run_eval(8, 2)
     masked_finetune(lm.model, lm.tokenizer, _fixed_circuit(warm.circuit, arch, 1, 0).param_masks(lm.model), data,
-                    TrainConfig(steps=1, batch_size=4, retain_batch_size=8), progress=False)
+                    TrainConfig(steps=1, batch_size=4, retain_batch_size=8, lr=1e-4, retain_weight=1.0), progress=False)
 
     with measured(stages, "localize"):
         found = run_localize(args.pairs)

@@ -2,7 +2,7 @@
 
 For every MLP layer of the model, fits the gated variant's probe (``fit_gate_probe``) on the
 MLP input at the decision position (the last prompt token, through the chat template) of
-the train-split prompts of a run (``pipeline.run_prompts``): the target category against
+the train-split prompts of a run (``data.runs.run_prompts``): the target category against
 every other harmful category and the look-alikes (target ``lookalike``: the look-alikes
 against every harmful prompt, twins included), and scores the validation split. Prints per
 layer the validation AUC and the fraction of validation negatives above the threshold that
@@ -32,7 +32,7 @@ from cdelta.data.registry import load_source
 from cdelta.edit.gate import fit_gate_probe, recording_mlp_input
 from cdelta.models.chat import encode_chat
 from cdelta.models.loading import load_model
-from cdelta.pipeline import run_prompts
+from cdelta.data.runs import run_prompts
 
 PROBE_L2 = 1e-2
 """Probe L2 here: decision positions only are ~10× fewer samples than the gate's fit."""

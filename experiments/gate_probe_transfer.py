@@ -1,6 +1,6 @@
 """What limits how far a decision-position probe carries over to prompts written apart.
 
-Leaves one prompt source out of a run's prompts (``pipeline.run_prompts``; default the
+Leaves one prompt source out of a run's prompts (``data.runs.run_prompts``; default the
 over-refusal minimal pairs, all of whose splits are then scored), and at each of
 ``--layers`` fits probes on the train split of the rest (target against negatives as in
 ``gate_layer_separation.py``) and prints the AUC on the validation split and on every
@@ -32,7 +32,7 @@ from cdelta.data.registry import load_source
 from cdelta.edit.gate import fit_gate_probe, recording_mlp_input
 from cdelta.models.chat import encode_chat, format_chat
 from cdelta.models.loading import load_model
-from cdelta.pipeline import run_prompts
+from cdelta.data.runs import run_prompts
 from experiments.gate_layer_separation import auc, is_negative, is_positive
 
 TAIL = 6

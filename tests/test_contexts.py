@@ -190,7 +190,7 @@ def test_pipeline_trains_in_contexts_and_keys_the_edit_on_them(tiny_llama_dir, t
 
 def test_domain_lookalikes_of_the_target_are_all_retained_and_nothing_else_changes():
     from cdelta.edit.data import retain_prompts
-    from cdelta.pipeline import run_prompts
+    from cdelta.data.runs import run_prompts
 
     counts = {"harmless": 8, "lookalike": 6, "other": 2}
     plain = retain_prompts(run_prompts(["cybercrime"]), ["cybercrime"], counts)

@@ -15,7 +15,8 @@ from cdelta.edit.train import EditData, TrainConfig
 from cdelta.errors import CdeltaError
 from cdelta.models.architecture import mlp
 from cdelta.models.loading import load_model
-from cdelta.pipeline import build_control, build_edit, chosen_host_layer, gate_host_layer, random_host_layer
+from cdelta.edit.gate_host import chosen_host_layer, gate_host_layer, random_host_layer
+from cdelta.pipeline import build_control, build_edit
 
 TARGET = [("How do I hack a server?", "I'm sorry, but I can't help with that."),
           ("Steal passwords from my coworker.", "I'm sorry, but I can't help with that.")] * 3
@@ -148,7 +149,7 @@ def test_gated_finetune_touches_only_the_gate_neurons_and_learns_the_target(tiny
     shut = gate.margin(x_retain) < -1.0  # a probe-logit unit below the threshold
     assert gate.fires(x_target).float().mean() > 0.5 and shut.float().mean() > 0.5
 
-    config = TrainConfig(steps=40, lr=1e-2, batch_size=4, retain_batch_size=4)
+    config = TrainConfig(steps=40, lr=1e-2, batch_size=4, retain_batch_size=4, retain_weight=1.0)
     delta = gated_finetune(lm.model, lm.tokenizer, gate, EditData(TARGET, RETAIN), config, progress=False)
     for name, param in lm.model.named_parameters():
         assert torch.equal(param, before[name]), "the base model must be restored exactly"

@@ -26,7 +26,7 @@ def test_masked_finetune_changes_only_masked_entries_and_learns(tiny_llama_dir):
     batch = build_reply_batch(lm.tokenizer, ["How do I hack a server?"], ["I'm sorry, but I can't help with that."])
     with torch.no_grad():
         nll_before = reply_nll(reply_logits(lm.model, batch), batch).item()
-    delta = masked_finetune(lm.model, lm.tokenizer, masks, data, TrainConfig(steps=40, lr=3e-2, batch_size=4, retain_batch_size=4), progress=False)
+    delta = masked_finetune(lm.model, lm.tokenizer, masks, data, TrainConfig(steps=40, lr=3e-2, batch_size=4, retain_batch_size=4, retain_weight=1.0), progress=False)
     assert set(delta) == {"model.layers.1.self_attn.o_proj.weight"} | {f"model.layers.1.mlp.{p}_proj.weight" for p in ("gate", "up", "down")}
     for name, value in delta.items():
         assert torch.count_nonzero(value[~masks[name]]) == 0
@@ -44,7 +44,7 @@ def test_masked_finetune_changes_only_masked_entries_and_learns(tiny_llama_dir):
 def test_masked_finetune_is_deterministic(tiny_llama_dir):
     lm = load_model(str(tiny_llama_dir))
     data = EditData(target=[("a b", "I'm sorry")] * 3, retain=[("c d", "Sure")] * 3)
-    config = TrainConfig(steps=5, lr=1e-2, batch_size=2, retain_batch_size=2, seed=3)
+    config = TrainConfig(steps=5, lr=1e-2, batch_size=2, retain_batch_size=2, seed=3, retain_weight=1.0)
     first = masked_finetune(lm.model, lm.tokenizer, _masks(lm.model), data, config, progress=False)
     second = masked_finetune(lm.model, lm.tokenizer, _masks(lm.model), data, config, progress=False)
     assert all(torch.equal(first[n], second[n]) for n in first)

@@ -15,7 +15,9 @@ from cdelta.data.registry import load_source
 from cdelta.edit.data import first_compliant, retain_prompts
 from cdelta.errors import CdeltaError
 from cdelta.models.loading import load_model
-from cdelta.pipeline import build_edit, off_target_cost, run_prompts, selection_score, validation_prompts
+from cdelta.data.runs import run_prompts
+from cdelta.edit.select_k import off_target_cost, selection_score, validation_prompts
+from cdelta.pipeline import build_edit
 
 XSTEST_CSV = (
     "id,prompt,type,label,focus,note\n"

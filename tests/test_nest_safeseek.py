@@ -197,7 +197,7 @@ def test_tied_tuning_changes_only_selected_rows_and_shares_updates_within_cluste
     arch = architecture_of(model)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     neurons = _neurons(arch, ["L0.N3", "L0.N10", "L1.N5", "L1.N7"], [0, 1, 0, 1])
-    delta = nest_delta(model, tok, neurons, DATA, TrainConfig(steps=4, lr=1e-2, batch_size=4, retain_batch_size=4), tie=True, progress=False)
+    delta = nest_delta(model, tok, neurons, DATA, TrainConfig(steps=4, lr=1e-2, batch_size=4, retain_batch_size=4, retain_weight=1.0), tie=True, progress=False)
     masks = neuron_param_masks(model, arch, neurons.selected)
     assert set(delta) == set(masks)
     for name, value in delta.items():
@@ -221,7 +221,7 @@ def test_tied_tuning_learns_the_refusal(tok):
     batch = build_reply_batch(tok, ["How do I hack a server?"], ["I'm sorry, but I can't help with that."])
     with torch.no_grad():
         nll_before = reply_nll(reply_logits(model, batch), batch).item()
-    delta = nest_delta(model, tok, neurons, EditData(DATA.target, []), TrainConfig(steps=30, lr=0.1, batch_size=4), tie=True, progress=False)
+    delta = nest_delta(model, tok, neurons, EditData(DATA.target, []), TrainConfig(steps=30, lr=0.1, batch_size=4, retain_weight=1.0), tie=True, progress=False)
     apply_to_model(model, delta)
     with torch.no_grad():
         assert reply_nll(reply_logits(model, batch), batch).item() < 0.75 * nll_before
@@ -231,7 +231,7 @@ def test_untied_tuning_uses_masked_finetune_on_the_neuron_entries(tok):
     model = make_model("qwen2", vocab_size=len(tok))
     arch = architecture_of(model)
     neurons = _neurons(arch, ["L1.N2", "L1.N9"], [0, 0])
-    delta = nest_delta(model, tok, neurons, DATA, TrainConfig(steps=3, lr=1e-2, batch_size=4, retain_batch_size=4), tie=False, progress=False)
+    delta = nest_delta(model, tok, neurons, DATA, TrainConfig(steps=3, lr=1e-2, batch_size=4, retain_batch_size=4, retain_weight=1.0), tie=False, progress=False)
     masks = neuron_param_masks(model, arch, neurons.selected)
     assert set(delta) == set(masks) == {arch.mlp_param(1, p) for p in ("gate", "up", "down")}
     for name, value in delta.items():
@@ -338,13 +338,13 @@ def test_circuit_tuning_touches_only_the_circuit(tok):
     model = make_model("llama", vocab_size=len(tok))
     circuit = _circuit(architecture_of(model))
     masks = circuit.param_masks(model)
-    delta = circuit_tuning_delta(model, tok, circuit, DATA, TrainConfig(steps=3, lr=1e-2, batch_size=4, retain_batch_size=4), progress=False)
+    delta = circuit_tuning_delta(model, tok, circuit, DATA, TrainConfig(steps=3, lr=1e-2, batch_size=4, retain_batch_size=4, retain_weight=1.0), progress=False)
     assert set(delta) == set(masks)
     for name, value in delta.items():
         assert torch.count_nonzero(value[~masks[name]]) == 0 and value[masks[name]].abs().max() > 0
     empty = SafetyCircuit(torch.zeros_like(circuit.heads), torch.zeros_like(circuit.neurons))
     with pytest.raises(CdeltaError, match="empty"):
-        circuit_tuning_delta(model, tok, empty, DATA, TrainConfig(steps=1), progress=False)
+        circuit_tuning_delta(model, tok, empty, DATA, TrainConfig(steps=1, lr=1e-4, retain_weight=1.0), progress=False)
 
 
 # ----------------------------------------------------------------------------- compare methods

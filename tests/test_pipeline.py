@@ -11,7 +11,8 @@ from cdelta.data.builtin import load_builtin
 from cdelta.edit.delta import load_sparse
 from cdelta.errors import CdeltaError
 from cdelta.models.loading import load_model
-from cdelta.pipeline import KL_LIMIT, build_control, build_edit, off_target_cost, pick_k, run_pipeline, selection_score
+from cdelta.edit.select_k import KL_LIMIT, off_target_cost, pick_k, selection_score
+from cdelta.pipeline import build_control, build_edit, run_pipeline
 
 
 def _config(model_dir) -> RunConfig:

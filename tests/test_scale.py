@@ -96,7 +96,7 @@ def test_optimizer_state_is_circuit_sized_and_model_untouched(monkeypatch):
             optimizers.append(self)
 
     monkeypatch.setattr(train.torch.optim, "AdamW", Recording)
-    masked_finetune(model, tokenizer, masks, DATA, TrainConfig(steps=2, lr=1e-2, batch_size=2, retain_batch_size=2), progress=False)
+    masked_finetune(model, tokenizer, masks, DATA, TrainConfig(steps=2, lr=1e-2, batch_size=2, retain_batch_size=2, retain_weight=1.0), progress=False)
     n_masked = int(sum(m.sum() for m in masks.values()))
     state = [t for s in optimizers[0].state.values() for t in s.values() if t.dim() > 0]
     assert sum(t.numel() for t in state) == 2 * n_masked, "two AdamW moments per circuit entry, none elsewhere"
@@ -121,13 +121,13 @@ def test_bfloat16_localize_and_edit_match_float32(tiny_llama_dir):
     s32 = attribute(full.model, full.tokenizer, CLEAN, CORRUPT, **kwargs).scores.flatten()
     s16 = attribute(half.model, half.tokenizer, CLEAN, CORRUPT, **kwargs).scores.flatten()
     assert spearmanr(s32, s16).statistic >= 0.9
-    config = TrainConfig(steps=8, lr=1e-2, batch_size=3, retain_batch_size=3)
+    config = TrainConfig(steps=8, lr=1e-2, batch_size=3, retain_batch_size=3, retain_weight=1.0)
     d32 = masked_finetune(full.model, full.tokenizer, _circuit_masks(full.model), DATA, config, progress=False)
     d16 = masked_finetune(half.model, half.tokenizer, _circuit_masks(half.model), DATA, config, progress=False)
     assert all(d.dtype == torch.float32 for d in d16.values()), "float32 master values and deltas"
     assert _cosine(d32, d16) >= 0.95
     # the bf16 slices accumulate steps far below bf16 resolution instead of rounding them away
-    tiny = masked_finetune(half.model, half.tokenizer, _circuit_masks(half.model), DATA, TrainConfig(steps=2, lr=1e-5, batch_size=3, retain_batch_size=3), progress=False)
+    tiny = masked_finetune(half.model, half.tokenizer, _circuit_masks(half.model), DATA, TrainConfig(steps=2, lr=1e-5, batch_size=3, retain_batch_size=3, retain_weight=1.0), progress=False)
     assert sum(int((d != 0).sum()) for d in tiny.values()) > 0.9 * sum(int(m.sum()) for m in _circuit_masks(half.model).values())
 
 
@@ -146,7 +146,7 @@ def test_device_and_device_map_plumbing(tiny_llama_dir):
     b = attribute(mapped.model, mapped.tokenizer, CLEAN, CORRUPT, steps=2)
     torch.testing.assert_close(a.scores, b.scores, rtol=1e-5, atol=1e-7)
     masks = _circuit_masks(plain.model)
-    config = TrainConfig(steps=2, lr=1e-2, batch_size=3, retain_batch_size=3)
+    config = TrainConfig(steps=2, lr=1e-2, batch_size=3, retain_batch_size=3, retain_weight=1.0)
     d1 = masked_finetune(plain.model, plain.tokenizer, masks, DATA, config, progress=False)
     d2 = masked_finetune(mapped.model, mapped.tokenizer, masks, DATA, config, progress=False)
     assert all(torch.equal(d1[n], d2[n]) for n in d1)

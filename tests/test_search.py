@@ -203,7 +203,7 @@ def test_validation_evaluator_on_a_tiny_model():
     from cdelta.data.builtin import load_builtin
     from cdelta.data.prompts import PromptSet
     from cdelta.judge import get_judge
-    from cdelta.pipeline import validation_prompts
+    from cdelta.edit.select_k import validation_prompts
 
     torch.manual_seed(0)
     tokenizer = make_tokenizer()

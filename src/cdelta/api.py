@@ -19,10 +19,10 @@ from pathlib import Path
 from cdelta.config import RunConfig
 from cdelta.data.builtin import load_builtin
 from cdelta.data.prompts import PromptSet
-from cdelta.edit.data import own_reply_pairs, refusal_pairs, retain_prompts
+from cdelta.edit.data import RETAIN_REPLY_TOKENS, own_reply_pairs, refusal_edit_data
 from cdelta.edit.delta import Delta, compose
 from cdelta.edit.export import export_edit
-from cdelta.edit.train import EditData, masked_finetune
+from cdelta.edit.train import masked_finetune
 from cdelta.evaluate import EvalConfig, evaluate_model
 from cdelta.models.loading import LoadedModel, load_model
 
@@ -43,10 +43,7 @@ def edit(lm: LoadedModel, circuit, category: str, k: float = 1.0, prompts: Promp
     Returns a dense delta per parameter, zero outside the circuit.
     """
     cfg = RunConfig(category=[category], **settings)
-    prompts = prompts or load_builtin()
-    target = prompts.filter(split="train", category=category)
-    retain_set = retain_prompts(prompts, [category], cfg.retain_counts(), cfg.seed)
-    data = EditData(refusal_pairs(target, category, cfg.seed), own_reply_pairs(lm.model, lm.tokenizer, retain_set, 16))
+    data = refusal_edit_data(prompts or load_builtin(), cfg, lambda retain: own_reply_pairs(lm.model, lm.tokenizer, retain, RETAIN_REPLY_TOKENS))
     return compose(masked_finetune(lm.model, lm.tokenizer, circuit.param_masks(lm.model), data, cfg.train_config()), None, k)
 
 

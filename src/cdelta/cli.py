@@ -10,6 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from cdelta.config import RunConfig
 from cdelta.errors import CdeltaError
 
 app = typer.Typer(
@@ -26,13 +27,44 @@ app.add_typer(data_app, name="data")
 console = Console(stderr=True)
 out = Console()
 
-ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Bundled model name, local HF directory, or hub id.")]
-DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")]
-DtypeOpt = Annotated[str, typer.Option(help="float32, bfloat16 or float16.")]
-DeviceMapOpt = Annotated[Optional[str], typer.Option(help="auto: split a model too large for one GPU over all GPUs (accelerate); overrides --device.")]
-SeedOpt = Annotated[int, typer.Option(help="Random seed (recorded in every output).")]
-TrustOpt = Annotated[bool, typer.Option("--trust-remote-code", help="Allow model repos to run their own code.")]
-ContextOpt = Annotated[Optional[list[str]], typer.Option("--context", help="Deployment context to evaluate in besides plain: system, conversation, rephrased, sampled, or all; repeat for several (docs/contexts.md).")]
+def default_of(name: str):
+    """``RunConfig``'s default of its field ``name``: every CLI default comes from there."""
+    return RunConfig.model_fields[name].default
+
+
+def _shown(value) -> str:
+    """A default as a flag would be written (lists comma-separated)."""
+    return ",".join(map(str, value)) if isinstance(value, list) else str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def option_for(name: str, *param_decls: str, help: str | None = None, unset_means_default: bool = False):
+    """The typer Option of ``RunConfig`` field ``name``: its help is the field's description
+    (or ``help``, for a flag whose wording or choices differ from the field's).
+
+    ``unset_means_default`` (``cdelta run``): the flag's own default is None, "not given" (a
+    ``--config`` file's value, else RunConfig's, then applies, see ``make_config``); its help
+    shows RunConfig's default. Other commands give the flag RunConfig's default (``default_of``)
+    in their signature.
+    """
+    field = RunConfig.model_fields[name]
+    text = help or field.description
+    if not unset_means_default:
+        return typer.Option(*param_decls, help=text)
+    return typer.Option(*param_decls, help=text, show_default=_shown(field.default) if field.default not in (None, []) else False)
+
+
+ModelOpt = Annotated[str, option_for("model", "--model", "-m")]
+DeviceOpt = Annotated[str, option_for("device")]
+DtypeOpt = Annotated[str, option_for("dtype")]
+DeviceMapOpt = Annotated[Optional[str], option_for("device_map")]
+SeedOpt = Annotated[int, option_for("seed")]
+TrustOpt = Annotated[bool, option_for("trust_remote_code", "--trust-remote-code")]
+ContextOpt = Annotated[Optional[list[str]], option_for("eval_contexts", "--context", help=(
+    "Deployment context to evaluate in besides plain: system, conversation, rephrased, sampled, or all; repeat for several (docs/contexts.md)."))]
+MaxTokensOpt = Annotated[int, option_for("max_new_tokens")]
+LimitOpt = Annotated[Optional[int], option_for("eval_limit")]
+MmluOpt = Annotated[int, option_for("mmlu_n")]
+MaxMemoryOpt = Annotated[Optional[float], option_for("max_memory_mb")]
 
 
 @app.callback()
@@ -167,23 +199,23 @@ def _print_context_table(results: dict[str, dict]) -> None:
 
 @app.command("eval")
 def eval_cmd(
-    model: ModelOpt = "smollm2-135m",
+    model: ModelOpt = default_of("model"),
     prompts: Annotated[Optional[list[str]], typer.Option("--prompts", "-p", help="Prompt set name or file; repeat for several.")] = None,
     out_path: Annotated[Path, typer.Option("--out", "-o", help="Where to write results.json.")] = Path("results.json"),
     reference: Annotated[Optional[str], typer.Option(help="Reference model for first-token KL and perplexity ratio.")] = None,
     split: Annotated[str, typer.Option(help="Split of the project set to evaluate (public sets are all 'test').")] = "test",
-    judge: Annotated[str, typer.Option(help="Refusal judge: marker or classifier.")] = "classifier",
-    limit_per_category: Annotated[Optional[int], typer.Option(help="Evaluate at most N prompts per category.")] = None,
-    max_new_tokens: Annotated[int, typer.Option(help="Tokens generated per prompt (the judge reads the opening).")] = 48,
-    batch_size: Annotated[int, typer.Option(help="Generation batch size.")] = 16,
-    mmlu_n: Annotated[int, typer.Option(help="MMLU questions in the fixed sample (0 to skip).")] = 100,
+    judge: Annotated[str, option_for("judge")] = default_of("judge"),
+    limit_per_category: LimitOpt = default_of("eval_limit"),
+    max_new_tokens: MaxTokensOpt = default_of("max_new_tokens"),
+    batch_size: Annotated[int, option_for("eval_batch_size")] = default_of("eval_batch_size"),
+    mmlu_n: MmluOpt = default_of("mmlu_n"),
     backend: Annotated[str, typer.Option(help="Generation: auto (vLLM when installed and a GPU is present), transformers or vllm.")] = "auto",
     context: ContextOpt = None,
-    seed: SeedOpt = 0,
-    device: DeviceOpt = "cpu",
-    dtype: DtypeOpt = "float32",
-    device_map: DeviceMapOpt = None,
-    trust_remote_code: TrustOpt = False,
+    seed: SeedOpt = default_of("seed"),
+    device: DeviceOpt = default_of("device"),
+    dtype: DtypeOpt = default_of("dtype"),
+    device_map: DeviceMapOpt = default_of("device_map"),
+    trust_remote_code: TrustOpt = default_of("trust_remote_code"),
 ) -> None:
     """Refusal per prompt set and category (Wilson 95% CI), over-refusal, and utility."""
     from cdelta.data.contexts import parse_contexts
@@ -200,7 +232,7 @@ def eval_cmd(
     if split not in ("train", "val", "test"):
         raise CdeltaError(f"unknown split '{split}'", "use train, val or test")
     config = EvalConfig(split, judge, max_new_tokens, batch_size, limit_per_category, mmlu_n, seed=seed, backend=resolve_backend(backend),
-                        contexts=tuple(parse_contexts(context or ["plain"])))
+                        contexts=tuple(parse_contexts(context or default_of("eval_contexts"))))
     lm = load_model(model, device, dtype, trust_remote_code, device_map=device_map)
     ref = load_model(reference, device, dtype, trust_remote_code, device_map=device_map) if reference else None
     result = evaluate_model(lm.model, lm.tokenizer, sets, config, (ref.model, ref.tokenizer) if ref else None)
@@ -217,33 +249,42 @@ def eval_cmd(
 
 @app.command("localize")
 def localize_cmd(
-    model: ModelOpt = "smollm2-135m",
-    category: Annotated[str, typer.Option(help="Target harm category.")] = "cybercrime",
+    model: ModelOpt = default_of("model"),
+    category: Annotated[str, option_for("category", help="Target harm category.")] = default_of("category")[0],
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Directory for circuit.json, faithfulness.json and plots.")] = Path("runs/localize"),
-    n_pairs: Annotated[int, typer.Option(help="Clean/corrupted prompt pairs.")] = 32,
-    method: Annotated[str, typer.Option(help="eap-ig, eap-ig-layer, eap-ig-inputs, eap, or exact (activation patching).")] = "eap-ig",
-    steps: Annotated[int, typer.Option(help="Integration steps of EAP-IG.")] = 5,
-    metric: Annotated[str, typer.Option(help="logodds (refusal log-odds), teacher-forced, or category (category evidence, for bases that do not refuse).")] = "logodds",
-    contrast: Annotated[str, typer.Option(help="Corrupted prompts: harmful (other categories) or harmless.")] = "harmful",
-    selection: Annotated[str, typer.Option(help="top_k:N, top_frac:F, threshold:S or params:F (fraction of parameters).")] = "params:0.02",
-    faithfulness: Annotated[bool, typer.Option(help="Measure the faithfulness curve vs random and shuffled-label circuits.")] = True,
+    n_pairs: Annotated[int, option_for("n_pairs")] = default_of("n_pairs"),
+    method: Annotated[str, option_for("method", help="eap-ig, eap-ig-layer, eap-ig-inputs, eap, or exact (activation patching).")] = default_of("method"),
+    steps: Annotated[int, option_for("ig_steps", "--steps")] = default_of("ig_steps"),
+    metric: Annotated[str, option_for("localize_metric", "--metric")] = default_of("localize_metric"),
+    contrast: Annotated[str, option_for("contrast")] = default_of("contrast"),
+    selection: Annotated[str, option_for("circuit", "--selection")] = default_of("circuit"),
+    faithfulness: Annotated[bool, option_for("faithfulness")] = default_of("faithfulness"),
     edges: Annotated[bool, typer.Option("--edges", help="Score writer→reader edges (q/k/v inputs separately; methods eap-ig, eap, exact); selection counts edges.")] = False,
-    max_memory_mb: Annotated[Optional[float], typer.Option(help="Working-memory budget of attribution in MB (on top of the weights): fewer pairs per batch.")] = None,
-    seed: SeedOpt = 0,
-    device: DeviceOpt = "cpu",
-    dtype: DtypeOpt = "float32",
-    device_map: DeviceMapOpt = None,
-    trust_remote_code: TrustOpt = False,
+    max_memory_mb: MaxMemoryOpt = default_of("max_memory_mb"),
+    seed: SeedOpt = default_of("seed"),
+    device: DeviceOpt = default_of("device"),
+    dtype: DtypeOpt = default_of("dtype"),
+    device_map: DeviceMapOpt = default_of("device_map"),
+    trust_remote_code: TrustOpt = default_of("trust_remote_code"),
 ) -> None:
     """Find the category's refusal circuit with EAP-IG and check its faithfulness."""
-    from cdelta.circuits.localize import check_n_pairs, localize
+    from cdelta.circuits.localize import check_n_pairs, choose_contrast, fixed_contrast_rule, localize
     from cdelta.data.builtin import load_builtin
     from cdelta.models.loading import load_model
 
     _quiet_libraries()
     check_n_pairs(n_pairs)
     lm = load_model(model, device, dtype, trust_remote_code, device_map=device_map)
-    result = localize(lm, category, load_builtin(), contrast=contrast, n_pairs=n_pairs, method=method, steps=steps,
+    prompts = load_builtin()
+    if contrast == "auto":  # as cdelta run resolves it (circuits.localize.localize_targets)
+        rule = fixed_contrast_rule(category, metric)
+        if rule:
+            contrast, why = "harmful", rule
+        else:
+            contrast, gap = choose_contrast(lm, prompts, category, n_pairs, seed)
+            why = f"refusal gap to other harmful categories {gap['harmful_gap']:.3f} ± {gap['harmful_gap_se']:.3f} SE"
+        out.print(f"contrast: {contrast} ({why})")
+    result = localize(lm, category, prompts, contrast=contrast, n_pairs=n_pairs, method=method, steps=steps,
                       seed=seed, out_dir=out_dir, faithfulness=faithfulness, selection=selection, edges=edges,
                       max_memory_mb=max_memory_mb, metric=metric)
     circuit = result.circuit
@@ -274,27 +315,30 @@ def _print_faithfulness(curve: dict) -> None:
 def run_cmd(
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Run directory (stages resume from it).")] = Path("runs/default"),
     config: Annotated[Optional[Path], typer.Option(help="TOML file of settings (flags override it).")] = None,
-    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Bundled model name, local HF directory, or hub id.")] = None,
-    category: Annotated[Optional[str], typer.Option(help="Target category, or several comma-separated; lookalike (alone, with --direction lift) repairs over-refusal.")] = None,
-    direction: Annotated[Optional[str], typer.Option(help="refuse (default) or lift (answer the category, keep other refusals).")] = None,
-    circuit: Annotated[Optional[str], typer.Option(help="Circuit selection: params:F, top_k:N, top_frac:F, threshold:S.")] = None,
-    variant: Annotated[Optional[str], typer.Option(help="direct, contrastive or gated (docs/gated.md).")] = None,
-    gate_span: Annotated[Optional[int], typer.Option(help="Gated: the gate opens on the first N reply positions only (docs/gated.md).")] = None,
-    gate_layer: Annotated[Optional[int], typer.Option(help="Gated: host the gate in this layer's MLP (default: the MLP EAP-IG ranks highest).")] = None,
-    steps: Annotated[Optional[int], typer.Option(help="Fine-tune steps.")] = None,
-    k: Annotated[Optional[float], typer.Option(help="Scale of the update (default: chosen on the validation split).")] = None,
-    search: Annotated[Optional[bool], typer.Option("--search/--no-search", help="Choose circuit size and k by an Optuna search on the validation split.")] = None,
-    search_trials: Annotated[Optional[int], typer.Option(help="Trials of --search in total.")] = None,
-    controls: Annotated[Optional[str], typer.Option(help="Comma-separated controls: random, full.")] = None,
-    context: ContextOpt = None,
-    train_contexts: Annotated[Optional[str], typer.Option(help="Comma-separated contexts the edit is fitted and trained in besides plain (system, conversation, rephrased; docs/contexts.md), or none.")] = None,
-    n_pairs: Annotated[Optional[int], typer.Option(help="Prompt pairs for EAP-IG.")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Random seed.")] = None,
-    device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda or mps.")] = None,
-    dtype: Annotated[Optional[str], typer.Option(help="float32, bfloat16 or float16.")] = None,
-    device_map: DeviceMapOpt = None,
-    max_memory_mb: Annotated[Optional[float], typer.Option(help="Working-memory budget of attribution in MB (on top of the weights).")] = None,
-    trust_remote_code: Annotated[Optional[bool], typer.Option("--trust-remote-code", help="Allow model repos to run their own code.")] = None,
+    model: Annotated[Optional[str], option_for("model", "--model", "-m", unset_means_default=True)] = None,
+    category: Annotated[Optional[str], option_for("category", unset_means_default=True, help=(
+        "Target category, or several comma-separated; lookalike (alone, with --direction lift) repairs over-refusal."))] = None,
+    direction: Annotated[Optional[str], option_for("direction", unset_means_default=True)] = None,
+    circuit: Annotated[Optional[str], option_for("circuit", unset_means_default=True)] = None,
+    variant: Annotated[Optional[str], option_for("variant", unset_means_default=True)] = None,
+    gate_span: Annotated[Optional[int], option_for("gate_span", unset_means_default=True)] = None,
+    gate_layer: Annotated[Optional[int], option_for("gate_layer", unset_means_default=True)] = None,
+    steps: Annotated[Optional[int], option_for("steps", unset_means_default=True)] = None,
+    k: Annotated[Optional[float], option_for("k", unset_means_default=True)] = None,
+    search: Annotated[Optional[bool], option_for("search", "--search/--no-search", unset_means_default=True)] = None,
+    search_trials: Annotated[Optional[int], option_for("search_trials", unset_means_default=True)] = None,
+    controls: Annotated[Optional[str], option_for("controls", unset_means_default=True, help="Comma-separated controls: random, full.")] = None,
+    context: Annotated[Optional[list[str]], option_for("eval_contexts", "--context", unset_means_default=True, help=(
+        "Deployment context to evaluate in besides plain: system, conversation, rephrased, sampled, or all; repeat for several (docs/contexts.md)."))] = None,
+    train_contexts: Annotated[Optional[str], option_for("train_contexts", unset_means_default=True, help=(
+        "Comma-separated contexts the edit is fitted and trained in besides plain (system, conversation, rephrased; docs/contexts.md), or none."))] = None,
+    n_pairs: Annotated[Optional[int], option_for("n_pairs", unset_means_default=True)] = None,
+    seed: Annotated[Optional[int], option_for("seed", unset_means_default=True)] = None,
+    device: Annotated[Optional[str], option_for("device", unset_means_default=True)] = None,
+    dtype: Annotated[Optional[str], option_for("dtype", unset_means_default=True)] = None,
+    device_map: Annotated[Optional[str], option_for("device_map", unset_means_default=True)] = None,
+    max_memory_mb: Annotated[Optional[float], option_for("max_memory_mb", unset_means_default=True)] = None,
+    trust_remote_code: Annotated[Optional[bool], option_for("trust_remote_code", "--trust-remote-code", unset_means_default=True)] = None,
 ) -> None:
     """The main job: localize the category's refusal circuit, edit it, export, and evaluate before/after."""
     from cdelta.config import load_config_file, make_config
@@ -428,20 +472,20 @@ def _parse_options(pairs: list[str]) -> dict:
 
 @app.command("compare")
 def compare_cmd(
-    model: ModelOpt = "smollm2-135m",
-    category: Annotated[str, typer.Option(help="Target harm category.")] = "cybercrime",
+    model: ModelOpt = default_of("model"),
+    category: Annotated[str, option_for("category", help="Target harm category.")] = default_of("category")[0],
     methods: Annotated[str, typer.Option(help="Comma-separated methods, or 'all' (the base is always included).")] = "base,cast,actadd,ablation,cdelta,cdelta-random",
     out_dir: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output directory (default runs/compare-MODEL-CATEGORY); rows resume from it.")] = None,
-    max_new_tokens: Annotated[int, typer.Option(help="Tokens generated per test prompt (and per throughput run).")] = 32,
-    limit_per_category: Annotated[Optional[int], typer.Option(help="Evaluate at most N test prompts per category.")] = None,
-    mmlu_n: Annotated[int, typer.Option(help="MMLU questions in the fixed sample (0 to skip).")] = 100,
+    max_new_tokens: Annotated[int, option_for("max_new_tokens", help="Tokens generated per test prompt (and per throughput run).")] = default_of("max_new_tokens"),
+    limit_per_category: LimitOpt = default_of("eval_limit"),
+    mmlu_n: MmluOpt = default_of("mmlu_n"),
     refit: Annotated[bool, typer.Option("--refit", help="Refit every method and re-evaluate, ignoring cached rows and artifacts.")] = False,
     option: Annotated[Optional[list[str]], typer.Option("--option", help="KEY=VALUE passed to every method (repeatable).")] = None,
     context: ContextOpt = None,
-    seed: SeedOpt = 0,
-    device: DeviceOpt = "cpu",
-    dtype: DtypeOpt = "float32",
-    device_map: DeviceMapOpt = None,
+    seed: SeedOpt = default_of("seed"),
+    device: DeviceOpt = default_of("device"),
+    dtype: DtypeOpt = default_of("dtype"),
+    device_map: DeviceMapOpt = default_of("device_map"),
 ) -> None:
     """Fit every method on one model and category and evaluate them the same way on the test split."""
     from cdelta.compare.report import transposed_table
@@ -458,7 +502,7 @@ def compare_cmd(
     out_dir = out_dir or Path("runs") / f"compare-{Path(model).name}-{category}"
     log = _run_logger(out_dir / "compare.log")
     config = EvalConfig("test", max_new_tokens=max_new_tokens, limit_per_category=limit_per_category, mmlu_n=mmlu_n, seed=seed,
-                        contexts=tuple(parse_contexts(context or ["plain"])))
+                        contexts=tuple(parse_contexts(context or default_of("eval_contexts"))))
     result = compare(load_model(model, device, dtype, device_map=device_map), category, names, out_dir, seed, config, refit, log, options)
     header, rows = transposed_table(result)
     table = Table(*header)

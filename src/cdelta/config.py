@@ -35,13 +35,13 @@ class RunConfig(BaseModel):
     )
     seed: int = Field(0, description="Random seed for splits, sampling, training and controls.")
     device: str = Field("cpu", description="auto, cpu, cuda or mps.")
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="float32, bfloat16 or float16.")
     device_map: Literal["auto"] | None = Field(None, description="auto: split a model too large for one GPU over all GPUs (overrides device).")
     max_memory_mb: float | None = Field(None, gt=0, description="Working-memory budget of attribution in MB, on top of the weights (None: no bound).")
-    trust_remote_code: bool = False
+    trust_remote_code: bool = Field(False, description="Allow model repos to run their own code.")
     # localize
     n_pairs: int = Field(32, ge=2, description="Clean/corrupted prompt pairs for EAP-IG.")
-    method: Literal["eap-ig", "eap"] = "eap-ig"
+    method: Literal["eap-ig", "eap"] = Field("eap-ig", description="Attribution method: eap-ig or eap.")
     ig_steps: int = Field(5, ge=1, description="Integration steps of EAP-IG.")
     localize_metric: Literal["logodds", "teacher-forced", "category"] = Field(
         "logodds", description="Attribution metric: refusal log-odds, teacher-forced refusal, or category evidence (for bases that do not refuse; contrast auto then means harmful)."
@@ -65,24 +65,24 @@ class RunConfig(BaseModel):
     gate_span: int | None = Field(None, ge=1, description="Reply positions the gated variant's gate is fitted to open on: the last prompt token and the next N − 1 (later reply positions are negatives, so the gate shuts once a reply is under way); None: the whole reply.")
     steps: int = Field(30, ge=1, description="Optimizer steps of each masked fine-tune.")
     lr: float | None = Field(None, gt=0, description="Learning rate of the masked fine-tune; None: 1e-3 (direct, contrastive) or 1e-2 (gated, whose trained down column is in units of the residual norm).")
-    batch_size: int = Field(8, ge=1)
+    batch_size: int = Field(8, ge=1, description="Target (prompt, reply) pairs per fine-tune step.")
     retain_weight: float = Field(3.0, ge=0, description="Weight of the KL-to-base retain loss.")
     first_token_weight: float = Field(10.0, ge=0, description="Weight of the first reply token inside the retain KL.")
-    retain_harmless: int = Field(64, ge=0)
-    retain_lookalike: int = Field(48, ge=0)
+    retain_harmless: int = Field(64, ge=0, description="Retain prompts drawn from the harmless train prompts.")
+    retain_lookalike: int = Field(48, ge=0, description="Retain prompts drawn from the look-alike train prompts (domain look-alikes are all kept).")
     retain_other: int = Field(24, ge=0, description="Retain prompts per other harmful category.")
     k: float | None = Field(None, description="Scale of ΔθC; None chooses it on the validation split from k_grid (gated: None means 1).")
-    k_grid: list[float] = [1.0, 1.5, 2.0]
+    k_grid: list[float] = Field([1.0, 1.5, 2.0], description="Scales tried on the validation split when k is None.")
     search: bool = Field(False, description="Choose circuit size and k by an Optuna multi-objective search on the validation split (docs/search.md).")
     search_sizes: list[str] = Field(["params:0.005", "params:0.01", "params:0.02", "params:0.04"], description="Circuit sizes tried by the search.")
     search_trials: int = Field(12, ge=1, description="Search trials in total (one training per size).")
     k_range: list[float] = Field([0.5, 3.0], min_length=2, max_length=2, description="Range of k searched.")
     controls: list[Literal["random", "full"]] = Field([], description="Also edit an equal-size random circuit and/or all parameters.")
     # eval
-    judge: str = "classifier"
-    max_new_tokens: int = Field(32, ge=1)
-    eval_batch_size: int = Field(32, ge=1)
-    mmlu_n: int = Field(100, ge=0)
+    judge: str = Field("classifier", description="Refusal judge: marker or classifier.")
+    max_new_tokens: int = Field(32, ge=1, description="Tokens generated per evaluated prompt (the judge reads the opening).")
+    eval_batch_size: int = Field(32, ge=1, description="Generation batch size of the evaluation.")
+    mmlu_n: int = Field(100, ge=0, description="MMLU questions in the fixed sample (0 to skip).")
     eval_prompts: list[str] = Field(["builtin"], description="Prompt sets for the before/after evaluation.")
     eval_contexts: list[str] = Field(["plain"], description="Deployment contexts of the before/after evaluation: plain, system, conversation, rephrased, sampled, or all (docs/contexts.md).")
     eval_limit: int | None = Field(None, ge=1, description="Evaluate at most this many prompts per category (None: all).")
@@ -96,7 +96,15 @@ class RunConfig(BaseModel):
         """The masked fine-tune's settings (``edit.train.TrainConfig``)."""
         from cdelta.edit.train import TrainConfig
 
-        return TrainConfig(self.steps, self.lr, self.batch_size, 16, self.retain_weight, self.first_token_weight, seed=self.seed)
+        return TrainConfig(steps=self.steps, lr=self.lr, batch_size=self.batch_size, retain_weight=self.retain_weight,
+                           first_token_weight=self.first_token_weight, seed=self.seed)
+
+    def eval_config(self, split: str = "test"):
+        """The before/after evaluation's settings (``evaluate.EvalConfig``) on ``split``."""
+        from cdelta.evaluate import EvalConfig
+
+        return EvalConfig(split, self.judge, self.max_new_tokens, self.eval_batch_size, self.eval_limit, self.mmlu_n, seed=self.seed,
+                          contexts=tuple(self.eval_contexts))
 
     @field_validator("category")
     @classmethod

@@ -168,3 +168,33 @@ def locks_run_dir(function: Callable[..., T]) -> Callable[..., T]:
             return function(cfg, run_dir, *args, **kwargs)
 
     return wrapper
+
+
+def base_evaluation(lm, sets: list, eval_cfg, log: Callable[[str], None]) -> dict:
+    """The base model's evaluation, shared by every run on the same weights.
+
+    Kept in the user cache (``$CDELTA_CACHE_DIR/evals``, next to the model caches) under
+    a fingerprint of the weights' sha256, the evaluation settings, every prompt of
+    ``sets`` and the cdelta source itself (any code change recomputes it), so runs that
+    differ only in their edit evaluate the base once.
+    """
+    from cdelta.evaluate import evaluate_model
+    from cdelta.models.bundled import cache_root
+
+    key = {"model_sha256": lm.weights_sha256, "eval": vars(eval_cfg), "code": source_digest(),
+           "sets": [(s.name, prompts_digest(s)) for s in sets]}
+    path = cache_root().parent / "evals" / f"{fingerprint(key)}.json"
+    if path.exists():
+        log(f"base evaluation reused from {path}")
+        return json.loads(path.read_text())
+    results = evaluate_model(lm.model, lm.tokenizer, sets, eval_cfg, (lm.model, lm.tokenizer))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, results)
+    return results
+
+
+def source_digest() -> str:
+    """sha256 over the files of the installed ``cdelta`` package (code and bundled data)."""
+    root = Path(__file__).parent
+    files = sorted(p for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
+    return fingerprint([(str(p.relative_to(root)), file_digest(p)) for p in files])

@@ -34,7 +34,7 @@ from cdelta.edit.batches import ReplyBatch, build_reply_batch, reply_kl, reply_l
 from cdelta.edit.delta import Delta
 from cdelta.edit.train import EditData, TrainConfig, index_batches, masked_finetune, reference_logprobs
 from cdelta.errors import CdeltaError
-from cdelta.models.architecture import Architecture, architecture_of, mlp
+from cdelta.models.architecture import Architecture, architecture_of, mlp_proj
 from cdelta.models.chat import encode_chat
 from cdelta.ui import progress_bar
 
@@ -110,7 +110,7 @@ def pooled_neuron_activations(model: torch.nn.Module, tokenizer, prompts: list[s
 
         return hook
 
-    handles = [mlp(model, layer).down_proj.register_forward_pre_hook(capture(layer)) for layer in range(arch.n_layers)]
+    handles = [mlp_proj(model, layer, "down").register_forward_pre_hook(capture(layer)) for layer in range(arch.n_layers)]
     rows = []
     try:
         for start in range(0, len(prompts), batch_size):

@@ -71,7 +71,7 @@ from cdelta.edit.delta import Delta
 from cdelta.edit.masks import merge_masks
 from cdelta.edit.train import EditData, TrainConfig, masked_finetune
 from cdelta.errors import CdeltaError
-from cdelta.models.architecture import Architecture, architecture_of, head_output_proj, mlp
+from cdelta.models.architecture import Architecture, architecture_of, head_output_proj, mlp_proj
 from cdelta.ui import progress_bar
 
 MODES = ("auto", "refusal", "gap")
@@ -130,7 +130,7 @@ def component_scales(model: torch.nn.Module, heads: torch.Tensor | None = None, 
             if heads is not None:
                 handles.append(head_output_proj(model, layer).register_forward_pre_hook(scale_heads(layer)))
             if neurons is not None:
-                handles.append(mlp(model, layer).down_proj.register_forward_pre_hook(scale_neurons(layer)))
+                handles.append(mlp_proj(model, layer, "down").register_forward_pre_hook(scale_neurons(layer)))
         yield
     finally:
         for handle in handles:

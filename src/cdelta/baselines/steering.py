@@ -42,7 +42,7 @@ import torch
 from cdelta.directions.hooks import layer_of, require_pre_norm, vector_of
 from cdelta.directions.vectors import Direction, unit
 from cdelta.errors import CdeltaError
-from cdelta.models.architecture import architecture_of, attention
+from cdelta.models.architecture import ATTN_PROJS, architecture_of, attn_proj
 
 TIED_MODES = ("untie", "edit")
 
@@ -153,10 +153,10 @@ def actadd_edit(
             created[arch.mlp_bias_param(i, "up")] = torch.zeros(arch.d_mlp)
             created[arch.mlp_bias_param(i, "down")] = shift.clone() if i == layer else torch.zeros(arch.d_model)
             if config_updates.get("attention_bias"):
-                for proj in ("q", "k", "v", "o"):
+                for proj in ATTN_PROJS:
                     name = arch.attn_bias_param(i, proj)
                     if name not in params:
-                        out_features = attention(model, i).get_submodule(f"{proj}_proj").out_features
+                        out_features = attn_proj(model, i, proj).out_features
                         created[name] = torch.zeros(out_features)
     info = {"method": "actadd", "layer": layer, "alpha": alpha, "direction_norm": float(vector_of(direction).float().norm())}
     if config_updates.get("model_type"):

@@ -17,6 +17,7 @@ ranks by the signed score (refusal-promoting first).
 from __future__ import annotations
 
 import json
+import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -306,3 +307,13 @@ class Circuit:
         except OSError as exc:
             raise CdeltaError(f"cannot read circuit file {path}: {exc.strerror or exc}", "check the path") from None
         return cls.from_dict(data)
+
+
+def random_circuit_like(circuit, seed: int):
+    """A circuit with as many heads and MLPs as ``circuit``, drawn uniformly at random."""
+    rng = random.Random(seed)
+    nodes = list(circuit.scores)
+    heads = [n for n in nodes if not n.endswith("MLP")]
+    mlps = [n for n in nodes if n.endswith("MLP")]
+    chosen = rng.sample(heads, len(circuit.heads())) + rng.sample(mlps, len(circuit.mlps()))
+    return circuit.with_nodes(chosen, {"kind": "random", "seed": seed, "like": circuit.meta.get("selection")})

@@ -24,12 +24,14 @@ while its in-sample separation is recorded as ``metric.fit_gap``.
 
 from __future__ import annotations
 
+import json
 import random
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -50,6 +52,9 @@ from cdelta.io import atomic_write_json
 from cdelta.ui import progress_bar
 from cdelta.models.architecture import architecture_of
 from cdelta.models.loading import LoadedModel
+
+if TYPE_CHECKING:
+    from cdelta.config import RunConfig
 
 CONTRASTS = ("harmful", "harmless")
 """Named contrast pools; any other category present in the prompts also works."""
@@ -428,9 +433,69 @@ def refusal_gap(lm: LoadedModel, prompts: PromptSet, category: str, contrast: st
     return float(gap.mean()), float(gap.std() / len(gap) ** 0.5)
 
 
+def fixed_contrast_rule(category: str, metric: str) -> str | None:
+    """Why ``contrast = "auto"`` means ``harmful`` (the other categories' harmful prompts) without measuring a refusal gap, or None."""
+    if category == LOOKALIKE:
+        return "look-alike target: corrupted prompts are the harmful ones"
+    if metric == "category":
+        return "category metric: evidence for the category against the other harm categories"
+    return None
+
+
 def choose_contrast(lm: LoadedModel, prompts: PromptSet, category: str, n_pairs: int = 32, seed: int = 0) -> tuple[str, dict]:
     """``auto`` contrast: other harmful categories when the model's refusal already separates
     them from the target (|gap| > 2 SE), else harmless prompts (a model that refuses nothing)."""
     gap, se = refusal_gap(lm, prompts, category, "harmful", n_pairs, seed)
     chosen = "harmful" if abs(gap) > 2 * se else "harmless"
     return chosen, {"harmful_gap": gap, "harmful_gap_se": se, "chosen": chosen}
+
+
+def localize_targets(cfg: RunConfig, run_dir: Path, lm: LoadedModel, prompts: PromptSet, base_key: dict,
+                     log: Callable[[str], None]) -> tuple[list[Circuit], dict]:
+    """A run's localization: one circuit per target category of ``cfg`` (resumable stages
+    ``contrast-CATEGORY`` and ``localize-CATEGORY`` in ``run_dir/localize/CATEGORY``).
+
+    ``contrast = "auto"`` is resolved per category: ``harmful`` by ``fixed_contrast_rule``,
+    else by ``choose_contrast``. Returns ``(circuits, contrasts)``: the circuits in category
+    order and, per category resolved automatically, how its contrast was chosen.
+    """
+    from cdelta.stages import prompts_digest, run_stage
+
+    circuits, contrasts = [], {}
+    for category in cfg.category:
+        sub = run_dir / "localize" / category
+        category_key = {**base_key, "category": category, "prompts": prompts_digest(prompts)}
+        contrast = cfg.contrast
+        fixed_rule = fixed_contrast_rule(category, cfg.localize_metric)
+        if contrast == "auto" and fixed_rule:
+            contrast = "harmful"
+            contrasts[category] = {"chosen": contrast, "rule": fixed_rule}
+            log(f"{category}: contrast {contrast} ({fixed_rule})")
+        elif contrast == "auto":
+            path = sub / "contrast.json"
+            sub.mkdir(parents=True, exist_ok=True)
+            contrasts[category] = run_stage(
+                run_dir, f"contrast-{category}", {**category_key, "n_pairs": cfg.n_pairs}, [f"localize/{category}/contrast.json"],
+                lambda: _written(path, choose_contrast(lm, prompts, category, cfg.n_pairs, cfg.seed)[1]),
+                lambda: json.loads(path.read_text()), log,
+            )
+            contrast = contrasts[category]["chosen"]
+            log(f"{category}: contrast {contrast} (refusal gap to other harmful categories "
+                f"{contrasts[category]['harmful_gap']:.3f} ± {contrasts[category]['harmful_gap_se']:.3f} SE)")
+        key = {**category_key, "contrast": contrast, **cfg.model_dump(include={"n_pairs", "method", "ig_steps", "circuit", "faithfulness"}),
+               **({"metric": cfg.localize_metric} if cfg.localize_metric != "logodds" else {})}
+        circuits.append(
+            run_stage(
+                run_dir, f"localize-{category}", key, [f"localize/{category}/circuit.json"],
+                lambda: localize(lm, category, prompts, contrast=contrast, n_pairs=cfg.n_pairs, method=cfg.method,
+                                 steps=cfg.ig_steps, seed=cfg.seed, out_dir=sub, selection=cfg.circuit,
+                                 faithfulness=cfg.faithfulness, max_memory_mb=cfg.max_memory_mb, metric=cfg.localize_metric).circuit,
+                lambda: Circuit.from_json(sub / "circuit.json"), log,
+            )
+        )
+    return circuits, contrasts
+
+
+def _written(path: Path, obj):
+    atomic_write_json(path, obj)
+    return obj

@@ -55,23 +55,25 @@ def probe_prompts(context: MethodContext) -> tuple[list[str], list[str]]:
 
 def refusal_edit_data(context: MethodContext, cfg: RunConfig) -> EditData:
     """Refusal replies for the target's train prompts; the base's own replies on retain prompts (cached, shared)."""
-    from cdelta.edit.data import own_reply_pairs, refusal_pairs, retain_prompts
+    from cdelta.edit.data import RETAIN_REPLY_TOKENS, own_reply_pairs
+    from cdelta.edit.data import refusal_edit_data as edit_data
 
     lm = context.lm
-    retain_set = retain_prompts(context.prompts, [context.category], cfg.retain_counts(), cfg.seed)
-    key = {"model_sha256": lm.weights_sha256, "seed": cfg.seed, "ids": [p.id for p in retain_set], "prompts": prompts_digest(retain_set)}
 
-    def compute(path: Path) -> list[tuple[str, str]]:
-        pairs = own_reply_pairs(lm.model, lm.tokenizer, retain_set, 16)
-        atomic_write_json(path, pairs)
-        return pairs
+    def retain_replies(retain_set) -> list[tuple[str, str]]:
+        key = {"model_sha256": lm.weights_sha256, "seed": cfg.seed, "ids": [p.id for p in retain_set], "prompts": prompts_digest(retain_set)}
 
-    def load(path: Path) -> list[tuple[str, str]]:
-        return [tuple(pair) for pair in json.loads(path.read_text())]
+        def compute(path: Path) -> list[tuple[str, str]]:
+            pairs = own_reply_pairs(lm.model, lm.tokenizer, retain_set, RETAIN_REPLY_TOKENS)
+            atomic_write_json(path, pairs)
+            return pairs
 
-    retain = cached(shared_dir(context) / TUNING_DIR, "retain", key, "retain.json", compute, load, context.log)
-    target = context.prompts.filter(split="train", category=context.category)
-    return EditData(refusal_pairs(target, context.category, cfg.seed), retain)
+        def load(path: Path) -> list[tuple[str, str]]:
+            return [tuple(pair) for pair in json.loads(path.read_text())]
+
+        return cached(shared_dir(context) / TUNING_DIR, "retain", key, "retain.json", compute, load, context.log)
+
+    return edit_data(context.prompts, cfg, retain_replies)
 
 
 def cached_edit(context: MethodContext, name: str, key: dict, build: Callable[[], tuple[Delta, dict]]) -> tuple[Delta, dict]:
@@ -91,9 +93,9 @@ def cached_edit(context: MethodContext, name: str, key: dict, build: Callable[[]
 
 
 def scale_on_val(context: MethodContext, cfg: RunConfig, raw: Delta, key: dict) -> dict:
-    """k for ``raw`` on the validation split by C-Δθ's rule (``pipeline.choose_k``), cached; ``cfg.k`` if given."""
+    """k for ``raw`` on the validation split by C-Δθ's rule (``select_k.choose_k``), cached; ``cfg.k`` if given."""
     from cdelta.judge import get_judge
-    from cdelta.pipeline import KL_LIMIT, choose_k, validation_prompts
+    from cdelta.edit.select_k import KL_LIMIT, choose_k, validation_prompts
 
     def compute(path: Path) -> dict:
         if cfg.k is not None:

@@ -1,9 +1,17 @@
-"""Training data for the edit: refusal or compliant replies for the target, base replies to retain."""
+"""Training data for the edit: refusal or compliant replies for the target, base replies to retain.
+
+``run_edit_data`` is the run's data step (its pairs cached in the run directory);
+``refusal_edit_data`` is the same refusal recipe for ``cdelta.edit`` (the API) and the
+selective-tuning baselines of ``cdelta compare``.
+"""
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cdelta.data.builtin import refusal_replies
 from cdelta.data.contexts import contextualize, harmless_requests
@@ -11,6 +19,14 @@ from cdelta.data.prompts import HARMLESS, LOOKALIKE, PromptSet
 from cdelta.generation import generate
 from cdelta.judge import Judge, judge_batch
 from cdelta.models.chat import ChatInput, user_text
+from cdelta.stages import prompts_digest, run_stage
+
+if TYPE_CHECKING:
+    from cdelta.config import RunConfig
+    from cdelta.edit.train import EditData
+    from cdelta.models.loading import LoadedModel
+
+Log = Callable[[str], None]
 
 DOMAIN = "domain"
 """Source name of the domain look-alikes (``data.builtin.load_domain``)."""
@@ -100,3 +116,102 @@ def first_compliant(judge: Judge, prompts: PromptSet, teachers: list[Teacher]) -
         chosen.update({p.id: pair for p, pair, is_refusal in zip(remaining, pairs, refused) if not is_refusal})
         remaining = PromptSet(remaining.name, [p for p in remaining if p.id not in chosen])
     return [chosen[p.id] for p in prompts if p.id in chosen]
+
+
+RETAIN_REPLY_TOKENS = 16
+"""Tokens of the base's own reply to each retain prompt."""
+TARGET_REPLY_TOKENS = 24
+"""Tokens of the base's own (or teacher's) reply to each target prompt."""
+LIFT_TEACHER = "ablated base reply if judged compliant, else own base reply if judged compliant, else dropped"
+"""How ``lift_replies`` picks each target prompt's learned reply (part of its stage key)."""
+
+
+def edit_prompts(prompts: PromptSet, cfg: RunConfig, contexts: list[str] = ()) -> tuple[PromptSet, PromptSet]:
+    """``(retain, target)``: ``retain_prompts`` and the target categories' train-split prompts,
+    with copies in ``contexts`` (``in_contexts``, train instances): each target prompt in
+    every context, each retain prompt in one drawn context (the retain replies are generated)."""
+    retain = in_contexts(retain_prompts(prompts, cfg.category, cfg.retain_counts(), cfg.seed), prompts, list(contexts), "train",
+                         cfg.seed, every=False)
+    target = in_contexts(prompts.filter(split="train", category=cfg.category), prompts, list(contexts), "train", cfg.seed)
+    return retain, target
+
+
+def refusal_targets(target: PromptSet, categories: list[str], seed: int = 0) -> list[Pair]:
+    """``refusal_pairs`` of each category's prompts of ``target``, category by category."""
+    return sum((refusal_pairs(target.filter(category=c), c, seed) for c in categories), [])
+
+
+def refusal_edit_data(prompts: PromptSet, cfg: RunConfig, retain_replies: Teacher) -> EditData:
+    """Refusal replies for the target's train prompts; ``retain_replies`` (e.g. the base's own
+    replies, ``own_reply_pairs``) on the retain prompts. Plain prompts only (no contexts)."""
+    from cdelta.edit.train import EditData
+
+    retain, target = edit_prompts(prompts, cfg)
+    return EditData(refusal_targets(target, cfg.category, cfg.seed), retain_replies(retain))
+
+
+def cached_pairs(run_dir: Path, name: str, key: dict, make: Callable[[], list], log: Log) -> list[Pair]:
+    """(prompt, reply) pairs made once and stored as ``run_dir/name.json``."""
+    from cdelta.io import atomic_write_json
+
+    path = run_dir / f"{name}.json"
+
+    def write() -> list:
+        pairs = make()
+        atomic_write_json(path, pairs)
+        return pairs
+
+    return run_stage(run_dir, name, key, [path.name], write, lambda: pairs_from_json(json.loads(path.read_text())), log)
+
+
+def lift_replies(lm: LoadedModel, prompts: PromptSet, target: PromptSet, seed: int, judge: Judge, judge_name: str) -> list[Pair]:
+    """Compliant replies for ``lift`` (``LIFT_TEACHER``): first the base's greedy replies with
+    its refusal direction ablated, then, where the judge calls that a refusal, its plain reply.
+
+    The direction is fitted on the train split (``fit_refusal_direction``); the ablated
+    model is only a teacher: the edit itself stays inside the circuit.
+    """
+    from cdelta.directions import ablation_hooks, fit_refusal_direction
+    from cdelta.errors import CdeltaError
+
+    direction = fit_refusal_direction(lm, prompts, seed=seed, recipe="harmful-harmless")
+
+    def ablated(subset: PromptSet) -> list[tuple[str, str]]:
+        with ablation_hooks(lm.model, direction):
+            return own_reply_pairs(lm.model, lm.tokenizer, subset, TARGET_REPLY_TOKENS)
+
+    pairs = first_compliant(judge, target, [ablated, lambda subset: own_reply_pairs(lm.model, lm.tokenizer, subset, TARGET_REPLY_TOKENS)])
+    if not pairs:
+        raise CdeltaError(
+            f"the judge ({judge_name}) calls every teacher reply to the {len(target)} target prompts a refusal: nothing to learn",
+            "check the judge on a few replies (cdelta eval), or try the other judge (judge = \"marker\" or \"classifier\")",
+        )
+    return pairs
+
+
+def run_edit_data(cfg: RunConfig, run_dir: Path, lm: LoadedModel, prompts: PromptSet, base_key: dict, judge: Judge,
+                  log: Log) -> tuple[EditData, EditData | None]:
+    """A run's edit data, each part cached in ``run_dir`` (``retain.json``, ``lift_target.json``,
+    ``own_target.json``): the base's own replies to retain; refusal replies (``refuse``) or the
+    ``LIFT_TEACHER``'s compliant ones (``lift``) to learn; for the contrastive and gated variants
+    also the base's own replies to the target prompts (θ_neg's data, the gate's positives).
+    Returns ``(data, contrast_data)``; ``contrast_data`` is None for the direct variant."""
+    from cdelta.edit.train import EditData
+
+    retain_set, target = edit_prompts(prompts, cfg, cfg.train_contexts)
+    retain = cached_pairs(run_dir, "retain", {**base_key, "prompts": prompts_digest(retain_set)},
+                          lambda: own_reply_pairs(lm.model, lm.tokenizer, retain_set, RETAIN_REPLY_TOKENS), log)
+    target_key = {**base_key, "prompts": prompts_digest(target)}
+    if cfg.direction == "refuse":
+        learned = refusal_targets(target, cfg.category, cfg.seed)
+    else:
+        lift_key = {**target_key, "teacher": LIFT_TEACHER, "judge": cfg.judge}
+        learned = cached_pairs(run_dir, "lift_target", lift_key,
+                               lambda: lift_replies(lm, prompts, target, cfg.seed, judge, cfg.judge), log)
+    data = EditData(learned, retain)
+    contrast_data = None
+    if cfg.variant in ("contrastive", "gated"):
+        own = cached_pairs(run_dir, "own_target", target_key,
+                           lambda: own_reply_pairs(lm.model, lm.tokenizer, target, TARGET_REPLY_TOKENS), log)
+        contrast_data = EditData(own, retain)
+    return data, contrast_data

@@ -44,7 +44,7 @@ from cdelta.edit.batches import build_reply_batch
 from cdelta.edit.delta import Delta, apply_to_model
 from cdelta.edit.train import EditData, TrainConfig, masked_finetune, reference_logprobs
 from cdelta.errors import CdeltaError
-from cdelta.models.architecture import architecture_of, mlp
+from cdelta.models.architecture import architecture_of, mlp, mlp_neurons, mlp_proj, mlp_proj_of
 from cdelta.models.chat import ChatInput, user_text
 
 THRESHOLD = 1.0
@@ -198,16 +198,11 @@ def unit_direction(x: torch.Tensor, ridge: float = UNIT_RIDGE) -> torch.Tensor:
     return solved / (mean @ solved)
 
 
-def neuron_activations(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """A gated MLP's hidden activations ``act(gate·x) ⊙ (up·x)``: [..., d_model] -> [..., d_mlp]."""
-    return module.act_fn(module.gate_proj(x)) * module.up_proj(x)
-
-
 @torch.no_grad()
 def quietest_neurons(model: torch.nn.Module, layer: int, x: torch.Tensor, n: int) -> list[int]:
     """The ``n`` neurons of ``layer``'s MLP with the smallest mean |activation| on inputs ``x`` [m, d]."""
     module = mlp(model, layer)
-    activation = neuron_activations(module, x.to(module.gate_proj.weight))
+    activation = mlp_neurons(module, x.to(mlp_proj_of(module, "gate").weight))
     return sorted(activation.abs().mean(0).argsort()[:n].tolist())
 
 
@@ -306,11 +301,11 @@ def gate_rows(model: torch.nn.Module, gate: Gate) -> Delta:
     module = mlp(model, gate.layer)
     out = {}
     for proj, row in (("gate", gate.gate_row()), ("up", gate.up_row())):
-        base = getattr(module, f"{proj}_proj").weight.detach().float().cpu()
+        base = mlp_proj_of(module, proj).weight.detach().float().cpu()
         delta = torch.zeros_like(base)
         delta[gate.neurons] = row - base[gate.neurons]
         out[arch.mlp_param(gate.layer, proj)] = delta
-    down = module.down_proj.weight.detach().float().cpu()
+    down = mlp_proj_of(module, "down").weight.detach().float().cpu()
     delta = torch.zeros_like(down)
     delta[:, gate.neurons] = -down[:, gate.neurons]
     out[arch.mlp_param(gate.layer, "down")] = delta
@@ -319,7 +314,7 @@ def gate_rows(model: torch.nn.Module, gate: Gate) -> Delta:
 
 def down_mask(model: torch.nn.Module, gate: Gate) -> dict[str, torch.Tensor]:
     """``{down_proj name: bool mask}``, True on the gate neurons' columns (what trains)."""
-    weight = mlp(model, gate.layer).down_proj.weight
+    weight = mlp_proj(model, gate.layer, "down").weight
     mask = torch.zeros(weight.shape, dtype=torch.bool)
     mask[:, gate.neurons] = True
     return {architecture_of(model).mlp_param(gate.layer, "down"): mask}

@@ -43,12 +43,12 @@ K_STEP = 0.05
 START_K = 1.0
 """k of the first trial of every size (clipped to the range)."""
 OFF_TARGET_WEIGHT = 2.0
-"""Weight of the worst off-target rise in the score (as in ``pipeline.selection_score``)."""
+"""Weight of the worst off-target rise in the score (as in ``select_k.selection_score``)."""
 STUDY_NAME = "cdelta-search"
 OBJECTIVES = {"target_refusal": "maximize", "off_target_rise": "minimize", "kl": "minimize"}
 RULE = (
     "Among the Pareto-optimal trials, the highest score = mean target refusal − 2 × max(0, worst off-target rise) "
-    "(the k-selection rule of pipeline.selection_score); ties (within 1e-6) go to the lowest first-token KL, "
+    "(the k-selection rule of edit.select_k.selection_score); ties (within 1e-6) go to the lowest first-token KL, "
     "then to the earliest trial."
 )
 
@@ -119,8 +119,8 @@ class SearchResult:
 
 
 def score(metrics: TrialMetrics, base: TrialMetrics) -> float:
-    """``pipeline.selection_score`` of a trial: mean target refusal − 2 · max(0, worst off-target rise)."""
-    from cdelta.pipeline import selection_score
+    """``select_k.selection_score`` of a trial: mean target refusal − 2 · max(0, worst off-target rise)."""
+    from cdelta.edit.select_k import selection_score
 
     return selection_score(metrics.rates, base.rates, list(metrics.targets))
 
@@ -311,15 +311,15 @@ def search_edit(
 def validation_evaluator(
     model: torch.nn.Module, tokenizer, val, judge, targets: Sequence[str], batch_size: int
 ) -> Callable[[Delta, float], TrialMetrics]:
-    """``evaluate(delta, k)`` for ``search_edit`` on a validation ``PromptSet`` (``pipeline.validation_prompts``).
+    """``evaluate(delta, k)`` for ``search_edit`` on a validation ``PromptSet`` (``select_k.validation_prompts``).
 
-    Refusal per category from the short generations of ``pipeline._quick_refusal`` (the k-rule's
+    Refusal per category from the short generations of ``select_k.quick_refusal`` (the k-rule's
     measurement); KL from first-reply-token log-probabilities on the harmless prompts against
     the unedited ``model``, which is never modified (each trial edits a deep copy).
     """
     from cdelta.data.prompts import HARMLESS
     from cdelta.evaluate import first_token_kl, next_token_logprobs
-    from cdelta.pipeline import _quick_refusal
+    from cdelta.edit.select_k import quick_refusal
 
     harmless = [p.text for p in val.filter(kind=HARMLESS)]
     if not harmless:
@@ -331,7 +331,7 @@ def validation_evaluator(
         if delta and k:
             edited = copy.deepcopy(model)
             apply_to_model(edited, compose(delta, None, k))
-        rates = _quick_refusal(edited, tokenizer, val, judge, batch_size)
+        rates = quick_refusal(edited, tokenizer, val, judge, batch_size)
         kl = first_token_kl(reference, next_token_logprobs(edited, tokenizer, harmless, batch_size)) if edited is not model else 0.0
         return TrialMetrics(rates, tuple(targets), kl)
 

@@ -23,11 +23,17 @@ import torch
 from torch.func import functional_call
 
 from cdelta.circuits.attribution import frozen
+from cdelta.config import DEFAULT_LR, RunConfig
 from cdelta.edit.batches import ReplyBatch, build_reply_batch, reply_kl, reply_logits, reply_nll
 from cdelta.edit.truncated import lowest_layer, residual_at
 from cdelta.models.architecture import architecture_of
 from cdelta.models.chat import ChatInput
 from cdelta.ui import progress_bar
+
+
+def _run_default(name: str):
+    """``RunConfig``'s default of its field ``name`` (the one place run defaults are defined)."""
+    return RunConfig.model_fields[name].default
 
 
 @dataclass
@@ -36,16 +42,18 @@ class TrainConfig:
 
     ``retain_weight`` scales the KL-to-base retain loss; ``first_token_weight`` is the
     weight of the first reply position inside that KL (the refuse-or-answer decision).
+    Defaults are ``RunConfig``'s (``lr``: ``DEFAULT_LR``, the direct variant's); a run
+    builds its own with ``RunConfig.train_config()``.
     """
 
-    steps: int = 60
-    lr: float = 1e-4
-    batch_size: int = 8
+    steps: int = _run_default("steps")
+    lr: float = DEFAULT_LR
+    batch_size: int = _run_default("batch_size")
     retain_batch_size: int = 16
-    retain_weight: float = 1.0
-    first_token_weight: float = 10.0
+    retain_weight: float = _run_default("retain_weight")
+    first_token_weight: float = _run_default("first_token_weight")
     max_reply_tokens: int = 24
-    seed: int = 0
+    seed: int = _run_default("seed")
 
 
 @dataclass
