@@ -12,7 +12,11 @@ A node owns (what the edit stage may train), with ``hd = head_dim`` and
   and columns ``[h*hd, (h+1)*hd)`` of ``o_proj.weight``. An ``o_proj`` bias (if any)
   belongs to no head and is never included; neither are norms.
 * MLP of layer ``l``: all of ``gate_proj``/``up_proj``/``down_proj`` (weights and biases
-  if present).
+  if present); in fused (phi3) and mixture-of-experts families every tensor under ``.mlp.``
+  (``gate_up_proj``; router and experts).
+
+In phi3 q/k/v are row blocks of one ``qkv_proj``: the rows above are offset by
+``Architecture.attn_offset`` (k rows start after the q rows, v rows after the k rows).
 
 Edges
 -----

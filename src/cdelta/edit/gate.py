@@ -28,6 +28,11 @@ and rewrites them:
 So the condition is compiled from a probe (as in CAST or a detect-and-route probe, but
 per position and inside the weights) and only the behaviour is learned; off-target
 change is bounded by where the gate fires. ΔθC touches ``3·n·d_model`` weights.
+
+phi3's fused ``gate_up_proj`` holds neuron ``j``'s gate row at ``j`` and its up row at
+``d_mlp + j`` (``Architecture.mlp_offset``). A mixture-of-experts layer has no dense MLP that
+every token passes through, so it cannot host a gate: ``fit_gate`` and ``gate_rows`` refuse it
+(docs/architectures.md).
 """
 
 from __future__ import annotations
