@@ -27,8 +27,8 @@ import torch
 from cdelta.data.builtin import load_builtin
 from cdelta.data.public import load_ppl_text
 from cdelta.edit.delta import apply_to_model, load_sparse
-from cdelta.edit.gate import neuron_activations, recording_mlp_input
-from cdelta.models.architecture import mlp
+from cdelta.edit.gate import recording_mlp_input
+from cdelta.models.architecture import mlp, mlp_neurons
 from cdelta.models.chat import encode_chat
 from cdelta.models.loading import load_model
 
@@ -48,7 +48,7 @@ def activations(model, layer: int, neurons: list[int], **inputs) -> torch.Tensor
     """Summed activation of ``neurons`` in ``layer``'s MLP at every position: [batch, seq]."""
     with recording_mlp_input(model, layer) as store:
         model(**inputs)
-    return neuron_activations(mlp(model, layer), store[0])[..., neurons].sum(-1)
+    return mlp_neurons(mlp(model, layer), store[0])[..., neurons].sum(-1)
 
 
 def main() -> None:

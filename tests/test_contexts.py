@@ -182,7 +182,9 @@ def test_pipeline_trains_in_contexts_and_keys_the_edit_on_them(tiny_llama_dir, t
                            tmp_path / "ctx", log=lambda m: None)
     retain = json.loads((tmp_path / "ctx" / "retain.json").read_text())
     plain_retain = json.loads((tmp_path / "plain" / "retain.json").read_text())
-    assert len(retain) == 3 * len(plain_retain) and retain[: len(plain_retain)] == plain_retain
+    assert len(retain) == 2 * len(plain_retain) and retain[: len(plain_retain)] == plain_retain, "one context copy per retain prompt"
+    own = json.loads((tmp_path / "ctx" / "own_target.json").read_text())
+    assert len(own) == 3 * len(json.loads((tmp_path / "plain" / "own_target.json").read_text())), "targets in every context"
     assert any(isinstance(prompt, list) and prompt[0][0] == "system" for prompt, _ in retain)
     assert (tmp_path / "ctx" / "delta.safetensors").read_bytes() != (tmp_path / "plain" / "delta.safetensors").read_bytes()
     assert set(results["edited"]["contexts"]) == {"system"} and "context_range" in results["base"]

@@ -34,7 +34,7 @@ from cdelta.edit.batches import ReplyBatch, build_reply_batch, reply_kl, reply_l
 from cdelta.edit.delta import Delta
 from cdelta.edit.train import EditData, TrainConfig, index_batches, masked_finetune, reference_logprobs
 from cdelta.errors import CdeltaError
-from cdelta.models.architecture import Architecture, architecture_of, mlp_proj
+from cdelta.models.architecture import Architecture, architecture_of, mlp_proj, require_separate_mlp
 from cdelta.models.chat import encode_chat
 from cdelta.ui import progress_bar
 
@@ -188,6 +188,7 @@ def _standardize_rows(x: torch.Tensor) -> torch.Tensor:
 
 def find_safety_neurons(model: torch.nn.Module, tokenizer, target: list[str], contrast: list[str], config: NestConfig) -> SafetyNeurons:
     """NeST steps 1–3 on ``target`` (harmful, target category) vs ``contrast`` (harmless) prompts."""
+    require_separate_mlp(model, "NeST")
     acts_t = pooled_neuron_activations(model, tokenizer, target, config.batch_size)
     acts_c = pooled_neuron_activations(model, tokenizer, contrast, config.batch_size)
     scores = separation_scores(acts_t, acts_c)

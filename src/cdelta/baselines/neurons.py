@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from cdelta.errors import CdeltaError
-from cdelta.models.architecture import Architecture
+from cdelta.models.architecture import Architecture, require_separate_mlp
 
 
 def neuron_ids(selected: torch.Tensor) -> list[str]:
@@ -40,6 +40,7 @@ def neuron_param_masks(model: torch.nn.Module, arch: Architecture, selected: tor
 
     Only layers with at least one selected neuron appear.
     """
+    require_separate_mlp(model, "a neuron selection")
     if tuple(selected.shape) != (arch.n_layers, arch.d_mlp):
         raise CdeltaError(f"neuron selection has shape {tuple(selected.shape)}, the model needs ({arch.n_layers}, {arch.d_mlp})", "use a selection made for this model")
     params = dict(model.named_parameters())

@@ -71,7 +71,7 @@ from cdelta.edit.delta import Delta
 from cdelta.edit.masks import merge_masks
 from cdelta.edit.train import EditData, TrainConfig, masked_finetune
 from cdelta.errors import CdeltaError
-from cdelta.models.architecture import Architecture, architecture_of, head_output_proj, mlp_proj
+from cdelta.models.architecture import Architecture, architecture_of, head_output_proj, mlp_proj, require_separate_mlp
 from cdelta.ui import progress_bar
 
 MODES = ("auto", "refusal", "gap")
@@ -108,6 +108,8 @@ def component_scales(model: torch.nn.Module, heads: torch.Tensor | None = None, 
     in the autograd graph); ``None`` leaves that kind untouched.
     """
     arch = architecture_of(model)
+    if neurons is not None:
+        require_separate_mlp(model, "SafeSeek")
     handles = []
 
     def scale_heads(layer: int):

@@ -42,7 +42,7 @@ import torch
 from cdelta.directions.hooks import layer_of, require_pre_norm, vector_of
 from cdelta.directions.vectors import Direction, unit
 from cdelta.errors import CdeltaError
-from cdelta.models.architecture import ATTN_PROJS, architecture_of, attn_proj
+from cdelta.models.architecture import ATTN_PROJS, architecture_of, attention, attn_proj, require_separate_mlp
 
 TIED_MODES = ("untie", "edit")
 
@@ -81,6 +81,8 @@ def ablation_edit(model: torch.nn.Module, direction: Direction | torch.Tensor, t
     if tied not in TIED_MODES:
         raise CdeltaError(f"unknown tied mode {tied!r}", f"use one of: {', '.join(TIED_MODES)}")
     arch = architecture_of(model)
+    if arch.family.moe:
+        require_separate_mlp(model, "directional ablation as weights")
     r = unit(vector_of(direction))
     params = dict(model.named_parameters())
     delta: dict[str, torch.Tensor] = {}
@@ -144,6 +146,9 @@ def actadd_edit(
     if target in params:
         delta[target] = shift.clone()
     else:
+        if arch.model_type not in ("llama", "qwen2", "mistral"):
+            raise CdeltaError(f"ActAdd as weights needs an MLP bias, which this {arch.model_type} model cannot carry",
+                              "use the ActAdd hook (actadd_hooks / CAST) instead of a baked bias for this model")
         if arch.model_type == "llama":
             config_updates["mlp_bias"] = True
         else:

@@ -12,7 +12,11 @@ A node owns (what the edit stage may train), with ``hd = head_dim`` and
   and columns ``[h*hd, (h+1)*hd)`` of ``o_proj.weight``. An ``o_proj`` bias (if any)
   belongs to no head and is never included; neither are norms.
 * MLP of layer ``l``: all of ``gate_proj``/``up_proj``/``down_proj`` (weights and biases
-  if present).
+  if present); in fused (phi3) and mixture-of-experts families every tensor under ``.mlp.``
+  (``gate_up_proj``; router and experts).
+
+In phi3 q/k/v are row blocks of one ``qkv_proj``: the rows above are offset by
+``Architecture.attn_offset`` (k rows start after the q rows, v rows after the k rows).
 
 Edges
 -----
@@ -81,6 +85,8 @@ def node_param_slices(arch: Architecture, node: str, param_names: set[str]) -> l
         raise CdeltaError(f"node {node} does not exist in this model ({arch.n_layers} layers, {arch.n_heads} heads)", "use a circuit made for this model")
     out: list[tuple[str, Slice]] = []
     hd = arch.head_dim
+    if head is None and (arch.family.moe or arch.family.fused_gate_up):  # every tensor of the block, router and experts included
+        return [(name, (0, 0, -1)) for name in arch.mlp_params(layer, param_names)]
     if head is None:
         for proj in ("gate", "up", "down"):
             for name in (arch.mlp_param(layer, proj), arch.mlp_bias_param(layer, proj)):
@@ -88,13 +94,11 @@ def node_param_slices(arch: Architecture, node: str, param_names: set[str]) -> l
                     out.append((name, (0, 0, -1)))
         return out
     g = arch.kv_head(head)
-    out.append((arch.attn_param(layer, "q"), (0, head * hd, (head + 1) * hd)))
-    if arch.attn_bias_param(layer, "q") in param_names:
-        out.append((arch.attn_bias_param(layer, "q"), (0, head * hd, (head + 1) * hd)))
-    for proj in ("k", "v"):
-        out.append((arch.attn_param(layer, proj), (0, g * hd, (g + 1) * hd)))
+    for proj, index in (("q", head), ("k", g), ("v", g)):
+        rows = (arch.attn_offset(proj) + index * hd, arch.attn_offset(proj) + (index + 1) * hd)
+        out.append((arch.attn_param(layer, proj), (0, *rows)))
         if arch.attn_bias_param(layer, proj) in param_names:
-            out.append((arch.attn_bias_param(layer, proj), (0, g * hd, (g + 1) * hd)))
+            out.append((arch.attn_bias_param(layer, proj), (0, *rows)))
     out.append((arch.attn_param(layer, "o"), (1, head * hd, (head + 1) * hd)))
     return out
 
@@ -238,7 +242,7 @@ def check_edge_model(arch: Architecture) -> None:
     if not arch.family.edges:
         raise CdeltaError(
             f"edge attribution supports plain pre-norm layers ({', '.join(EDGE_MODEL_TYPES)}), not '{arch.model_type}' "
-            "(its extra norms make head outputs non-additive in the residual stream)",
+            f"({arch.family.no_edges})",
             "use node-level localization (without --edges) for this model",
         )
 
@@ -253,6 +257,9 @@ def component_param_slices(arch: Architecture, component: str, param_names: set[
     if m is None or int(m.group(1)) >= arch.n_layers:
         raise bad
     layer, hd = int(m.group(1)), arch.head_dim
+    if m.group(6) and (arch.family.moe or arch.family.fused_gate_up):  # in: router + expert gate/up; out: expert down
+        owned = arch.mlp_params(layer, param_names)
+        return [(n, (0, 0, -1)) for n in owned if ("down_proj" in n) == (m.group(6) == "out")]
     if m.group(6):
         projs = ("gate", "up") if m.group(6) == "in" else ("down",)
         names = [arch.mlp_param(layer, p) for p in projs] + [arch.mlp_bias_param(layer, p) for p in projs]
@@ -260,7 +267,7 @@ def component_param_slices(arch: Architecture, component: str, param_names: set[
     head, proj = (int(m.group(2)), m.group(3)) if m.group(2) else (int(m.group(4)), m.group(5))
     if head >= (arch.n_heads if proj in ("q", "o") else arch.n_kv_heads):
         raise bad
-    rows = (head * hd, (head + 1) * hd)
+    rows = (arch.attn_offset(proj) + head * hd, arch.attn_offset(proj) + (head + 1) * hd)
     if proj == "o":
         return [(arch.attn_param(layer, "o"), (1, *rows))]
     bias = arch.attn_bias_param(layer, proj)

@@ -7,7 +7,7 @@
   MLP output), so the residual stream never carries ``r̂``: ``h ← h − (h · r̂) r̂`` on
   each of those module outputs.
 
-Gemma2/3 normalise each sublayer's output before adding it to the residual stream, so
+Gemma2/3 and OLMo2 normalise each sublayer's output before adding it to the residual stream, so
 ablation by these hooks is not the same computation there and raises ``CdeltaError``
 (the ActAdd hook works on every family).
 """
@@ -21,9 +21,7 @@ import torch
 
 from cdelta.directions.vectors import Direction, unit
 from cdelta.errors import CdeltaError
-from cdelta.models.architecture import architecture_of, attention, decoder_layers, mlp
-
-POST_NORM_FAMILIES = ("gemma2", "gemma3", "gemma3_text")
+from cdelta.models.architecture import POST_NORM_FAMILIES, architecture_of, attention, decoder_layers, mlp
 
 
 def vector_of(direction: Direction | torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from cdelta.edit.truncated import decoder_from
+from cdelta.models.architecture import logit_scale
 from cdelta.models.chat import ChatInput, format_chat
 
 
@@ -62,6 +63,9 @@ def reply_logits(model: torch.nn.Module, batch: ReplyBatch, start: tuple[int, to
     else:
         hidden = decoder_from(model, start[0], start[1], batch.attention_mask)
     logits = model.get_output_embeddings()(hidden[batch.reply_mask]).float()
+    scale = logit_scale(model)  # granite divides its logits, cohere2 multiplies them
+    if scale != 1.0:
+        logits = logits * scale
     cap = getattr(model.config, "final_logit_softcapping", None)
     return torch.tanh(logits / cap) * cap if cap else logits
 

@@ -38,6 +38,7 @@ from safetensors.torch import load_file, save, save_file
 from cdelta.edit.card import write_model_card
 from cdelta.errors import CdeltaError
 from cdelta.io import atomic_write_bytes
+from cdelta.models.architecture import stored_delta
 from cdelta.models.loading import weights_hash
 
 DELTA_FORMAT = "cdelta-sparse-delta/2"
@@ -307,6 +308,7 @@ def write_edited_checkpoint(base_dir: Path, delta: Delta, out_dir: Path) -> None
 
     base_dir, out_dir = Path(base_dir), Path(out_dir)
     headers = check_checkpoint(base_dir)
+    delta = stored_delta(delta, {name for h in headers.values() for name in h})  # per-expert tensors of a mixture of experts
     remaining = set(delta)
     for name in sorted(remaining):
         stored = next((h[name] for h in headers.values() if name in h), None)

@@ -28,6 +28,11 @@ and rewrites them:
 So the condition is compiled from a probe (as in CAST or a detect-and-route probe, but
 per position and inside the weights) and only the behaviour is learned; off-target
 change is bounded by where the gate fires. ΔθC touches ``3·n·d_model`` weights.
+
+phi3's fused ``gate_up_proj`` holds neuron ``j``'s gate row at ``j`` and its up row at
+``d_mlp + j`` (``Architecture.mlp_offset``). A mixture-of-experts layer has no dense MLP that
+every token passes through, so it cannot host a gate: ``fit_gate`` and ``gate_rows`` refuse it
+(docs/architectures.md).
 """
 
 from __future__ import annotations
@@ -44,7 +49,7 @@ from cdelta.edit.batches import build_reply_batch
 from cdelta.edit.delta import Delta, apply_to_model
 from cdelta.edit.train import EditData, TrainConfig, masked_finetune, reference_logprobs
 from cdelta.errors import CdeltaError
-from cdelta.models.architecture import architecture_of, mlp, mlp_neurons, mlp_proj, mlp_proj_of
+from cdelta.models.architecture import architecture_of, mlp, mlp_neurons, mlp_proj_of, require_dense_mlp
 from cdelta.models.chat import ChatInput, user_text
 
 THRESHOLD = 1.0
@@ -202,7 +207,7 @@ def unit_direction(x: torch.Tensor, ridge: float = UNIT_RIDGE) -> torch.Tensor:
 def quietest_neurons(model: torch.nn.Module, layer: int, x: torch.Tensor, n: int) -> list[int]:
     """The ``n`` neurons of ``layer``'s MLP with the smallest mean |activation| on inputs ``x`` [m, d]."""
     module = mlp(model, layer)
-    activation = mlp_neurons(module, x.to(mlp_proj_of(module, "gate").weight))
+    activation = mlp_neurons(module, x.to(mlp_proj_of(module, "down").weight))
     return sorted(activation.abs().mean(0).argsort()[:n].tolist())
 
 
@@ -238,6 +243,7 @@ def fit_gate(model: torch.nn.Module, tokenizer, layer: int, target: list[tuple[C
     opens equal the residual stream's mean norm. ``threshold`` is ``τ``, or a function
     of the fitted gate that returns it (e.g. ``choose_threshold`` on validation prompts).
     """
+    require_dense_mlp(model, layer, "the gated variant")
     target_inputs = mlp_inputs(model, tokenizer, target, layer, max_reply_tokens)
     retain_inputs = mlp_inputs(model, tokenizer, retain, layer, max_reply_tokens)
     plain = plain_text_inputs(model, tokenizer, [f"{user_text(prompt)}\n\n{reply}" for prompt, reply in retain + target], layer)
@@ -297,14 +303,17 @@ def choose_threshold(rates: dict[float, dict[str, float]], target: str, slack: f
 def gate_rows(model: torch.nn.Module, gate: Gate) -> Delta:
     """The compiled part of ΔθC, ``{param: new − base}``: gate and up rows written, down
     columns zeroed, on the gate's neurons only."""
+    require_dense_mlp(model, gate.layer, "the gated variant")
     arch = architecture_of(model)
     module = mlp(model, gate.layer)
+    params = dict(model.named_parameters())
     out = {}
     for proj, row in (("gate", gate.gate_row()), ("up", gate.up_row())):
-        base = mlp_proj_of(module, proj).weight.detach().float().cpu()
-        delta = torch.zeros_like(base)
-        delta[gate.neurons] = row - base[gate.neurons]
-        out[arch.mlp_param(gate.layer, proj)] = delta
+        name = arch.mlp_param(gate.layer, proj)  # phi3: gate and up are row blocks of one gate_up_proj
+        base = params[name].detach().float().cpu()
+        delta = out.setdefault(name, torch.zeros_like(base))
+        rows = [arch.mlp_offset(proj) + j for j in gate.neurons]
+        delta[rows] = row - base[rows]
     down = mlp_proj_of(module, "down").weight.detach().float().cpu()
     delta = torch.zeros_like(down)
     delta[:, gate.neurons] = -down[:, gate.neurons]
@@ -314,7 +323,7 @@ def gate_rows(model: torch.nn.Module, gate: Gate) -> Delta:
 
 def down_mask(model: torch.nn.Module, gate: Gate) -> dict[str, torch.Tensor]:
     """``{down_proj name: bool mask}``, True on the gate neurons' columns (what trains)."""
-    weight = mlp_proj(model, gate.layer, "down").weight
+    weight = mlp_proj_of(mlp(model, gate.layer), "down").weight
     mask = torch.zeros(weight.shape, dtype=torch.bool)
     mask[:, gate.neurons] = True
     return {architecture_of(model).mlp_param(gate.layer, "down"): mask}

@@ -49,14 +49,25 @@ class _Stop(Exception):
 
 @contextmanager
 def starting_at(model: torch.nn.Module, layer: int):
-    """Within the block, the decoder runs only layers ``>= layer`` (on ``inputs_embeds``)."""
+    """Within the block, the decoder runs only layers ``>= layer`` (on ``inputs_embeds``).
+
+    Decoders that pick each layer's attention mask by its position in the loop
+    (``config.layer_types[i]``: sliding-window and full layers mixed, e.g. cohere2) see the
+    layer types shifted the same way.
+    """
     holder = decoder(model)
     full = holder.layers
+    config = getattr(holder, "config", None)
+    types = getattr(config, "layer_types", None)
     holder.layers = torch.nn.ModuleList(list(full)[layer:])
+    if types is not None:
+        config.layer_types = list(types)[layer:]
     try:
         yield
     finally:
         holder.layers = full
+        if types is not None:
+            config.layer_types = types
 
 
 def decoder_from(model: torch.nn.Module, layer: int, residual: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -103,7 +103,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from cdelta.errors import CdeltaError
-from cdelta.judge import Judge, judge_batch
+from cdelta.judge import Judge, judge_batch, visible_reply
 from cdelta.judge.marker import (
     NOT_REFUSAL,
     _QUOTES,
@@ -363,7 +363,7 @@ def read_replies(judge: Judge, prompts: list[str], completions: list[str]) -> li
     """Whole-reply verdicts: ``judge`` (an opening judge, called once through
     ``judge_batch``) decides the opening, the rules in this module's docstring the rest."""
     openings = judge_batch(judge, prompts, completions)
-    return [read_reply(c, bool(o)) for c, o in zip(completions, openings)]
+    return [read_reply(visible_reply(c), bool(o)) for c, o in zip(completions, openings)]
 
 
 class ReplyJudge:

@@ -35,30 +35,44 @@ def fold_system(messages: list[dict[str, str]]) -> list[dict[str, str]]:
     return rest
 
 
-def render(tokenizer, prompt: ChatInput) -> str:
-    """One prompt through the chat template, ready for the reply."""
+def uses_thinking(tokenizer) -> bool:
+    """Whether the tokenizer's chat template reads ``enable_thinking`` (qwen3 and the like)."""
+    template = getattr(tokenizer, "chat_template", None)
+    texts = template.values() if isinstance(template, dict) else [template or ""]
+    return any("enable_thinking" in text for text in texts)
+
+
+def render(tokenizer, prompt: ChatInput, enable_thinking: bool | None = None) -> str:
+    """One prompt through the chat template, ready for the reply.
+
+    ``enable_thinking`` is passed to templates that read it (``uses_thinking``): False asks a
+    thinking model to answer without its reasoning block, True to reason first; None (the
+    default) and templates without the switch render as the template does by default.
+    """
     messages = messages_of(prompt)
+    extra = {"enable_thinking": enable_thinking} if enable_thinking is not None and uses_thinking(tokenizer) else {}
     try:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **extra)
     except TemplateError:  # raised by templates that reject a system role
         if not any(m["role"] == "system" for m in messages):
             raise
-        return tokenizer.apply_chat_template(fold_system(messages), tokenize=False, add_generation_prompt=True)
+        return tokenizer.apply_chat_template(fold_system(messages), tokenize=False, add_generation_prompt=True, **extra)
 
 
-def format_chat(tokenizer, prompts: list[ChatInput]) -> list[str]:
+def format_chat(tokenizer, prompts: list[ChatInput], enable_thinking: bool | None = None) -> list[str]:
     """Render prompts through the tokenizer's chat template, ready for the reply."""
-    return [render(tokenizer, prompt) for prompt in prompts]
+    return [render(tokenizer, prompt, enable_thinking) for prompt in prompts]
 
 
-def encode_chat(tokenizer, prompts: list[ChatInput], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+def encode_chat(tokenizer, prompts: list[ChatInput], device: torch.device | str = "cpu",
+                enable_thinking: bool | None = None) -> dict[str, torch.Tensor]:
     """Left-padded ``input_ids`` and ``attention_mask``, shape [batch, seq].
 
     The last position of every row is the last prompt token (left padding), so
     position -1 is where the model decides how to start its reply.
     """
     tokenizer.padding_side = "left"
-    batch = tokenizer(format_chat(tokenizer, prompts), return_tensors="pt", padding=True, add_special_tokens=False)
+    batch = tokenizer(format_chat(tokenizer, prompts, enable_thinking), return_tensors="pt", padding=True, add_special_tokens=False)
     return {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
 
 
