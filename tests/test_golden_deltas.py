@@ -1,11 +1,12 @@
 """Golden hashes: the pipeline's delta.safetensors on the tiny random llama, byte for byte.
 
-The hashes were measured at 6b4913b (before the behaviour-preserving restructure of
-issue #23) and checked to be identical across separate processes. A change here means
-the edit itself changed: a restructure must leave them as they are; a deliberate
-change of the method updates them in the same commit and says why. Float reductions
-split work by thread, so the test runs torch with the 2 threads they were measured with
-(on any number of cores).
+A change here means the edit itself changed: a restructure must leave them as they are;
+a deliberate change of the method updates them in the same commit and says why. Float
+reductions depend on the thread count and on the torch build, so the test runs torch
+with 2 threads and skips under another torch release than the one the hashes were
+measured with (``GOLDEN_TORCH``). The first hashes, measured at 6b4913b under an earlier
+torch build, differ from these; 6b4913b and the commit that pinned them (ae8f903) give
+these same hashes under ``GOLDEN_TORCH``, so the restructure since left the bytes unchanged.
 """
 
 import hashlib
@@ -17,10 +18,12 @@ from cdelta.config import RunConfig
 from cdelta.pipeline import run_pipeline
 
 GOLDEN = {
-    "direct": "0d7697449939b28121063e20fccb70e03a5bdb78f624a872c0b30064a4841304",
-    "contrastive": "32dc15dfe71ce70a99fb04363e73566e18c8abcb9066766c51bf458db1e84f4b",
-    "gated": "55d07c499116b954fb05d0bbef3f1eb2f49fff41a6c9855cb1980ce677d1bb1f",
+    "direct": "54504f8c16abb37139812697622593254f5c63c0c3194de6aa75667ac6fafac9",
+    "contrastive": "7a0bc3bec62a7baaac15bb26b2a671f8e1820aaa0016b397d6572ed16e883ed8",
+    "gated": "74ce76daddfd25d91d2409e4893147909c862c3af96a92d30b8ce14f9561a2cc",
 }
+GOLDEN_TORCH = "2.15.0"
+"""The torch release (CPU kernels) the hashes were measured with, at 2 threads."""
 
 VARIANTS = {
     "direct": {},
@@ -51,6 +54,8 @@ def two_threads():
 
 @pytest.mark.parametrize("variant", sorted(GOLDEN))
 def test_delta_matches_golden_hash(variant, tiny_llama_dir, tmp_path, monkeypatch, two_threads):
+    if torch.__version__.split("+")[0] != GOLDEN_TORCH:
+        pytest.skip(f"golden hashes were measured with torch {GOLDEN_TORCH}; this is torch {torch.__version__}")
     monkeypatch.setenv("CDELTA_CACHE_DIR", str(tmp_path / "cache"))
     # the evaluation after export does not touch the delta: a short perplexity text keeps it quick
     monkeypatch.setattr("cdelta.data.public.load_ppl_text", lambda chars: "The sea is blue and the sky is wide. " * 4)

@@ -443,7 +443,7 @@ def contexts_cmd(
     look-alike and own-field look-alike changes of an edited model against its base."""
     from cdelta.context_summary import context_summary, markdown, read_evaluation
 
-    out.print(markdown(context_summary(read_evaluation(base), read_evaluation(edited), category)), markup=False)
+    typer.echo(markdown(context_summary(read_evaluation(base), read_evaluation(edited), category)))
 
 
 @app.command("report")

@@ -15,7 +15,7 @@ refusal-rate points (0–100):
 
 from __future__ import annotations
 
-from cdelta.data.contexts import PLAIN
+from cdelta.data.contexts import CONTEXTS, PLAIN
 from cdelta.data.prompts import HARMLESS, LOOKALIKE
 from cdelta.errors import CdeltaError
 from cdelta.evaluate import field_cell_name
@@ -69,7 +69,9 @@ def context_summary(base: dict, edited: dict, targets: list[str]) -> dict[str, d
     if missing:
         raise CdeltaError(f"the base evaluation lacks context(s) {', '.join(missing)}",
                           "evaluate the base with the same --context options")
-    return {context: context_row(base_tables[context], table, targets) for context, table in edited_tables.items()}
+    order = {name: i for i, name in enumerate(CONTEXTS)}
+    ranked = sorted(edited_tables, key=lambda name: (order.get(name.split("-")[0], len(order)), name))
+    return {context: context_row(base_tables[context], edited_tables[context], targets) for context in ranked}
 
 
 def markdown(summary: dict[str, dict]) -> str:
