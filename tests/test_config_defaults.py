@@ -10,7 +10,8 @@ import typer
 
 from cdelta import cli
 from cdelta.config import RunConfig
-from cdelta.edit.train import TrainConfig
+from cdelta.edit.train import TrainConfig, train_config
+from cdelta.evaluate import EvalConfig, eval_config
 
 DEFAULTS = RunConfig()
 
@@ -86,15 +87,19 @@ def test_toml_cli_and_run_config_agree_field_by_field():
 
 
 def test_train_config_defaults_are_run_configs():
-    assert TrainConfig() == DEFAULTS.train_config()
+    assert TrainConfig() == train_config(DEFAULTS)
     train = asdict(TrainConfig())
     for name in ("steps", "lr", "batch_size", "retain_weight", "first_token_weight", "seed"):
         assert train[name] == getattr(DEFAULTS, name), name
 
 
 def test_eval_config_of_a_default_run_matches_it():
-    evaluation = DEFAULTS.eval_config()
+    evaluation = eval_config(DEFAULTS)
     assert (evaluation.split, evaluation.judge, evaluation.max_new_tokens, evaluation.batch_size, evaluation.limit_per_category,
             evaluation.mmlu_n, evaluation.seed, list(evaluation.contexts)) == (
         "test", DEFAULTS.judge, DEFAULTS.max_new_tokens, DEFAULTS.eval_batch_size, DEFAULTS.eval_limit, DEFAULTS.mmlu_n,
         DEFAULTS.seed, DEFAULTS.eval_contexts)
+
+
+def test_bare_eval_config_defaults_are_the_runs():
+    assert eval_config(DEFAULTS) == EvalConfig()

@@ -18,7 +18,8 @@ from transformers import AutoModelForCausalLM
 
 from cdelta import cli
 from cdelta.edit.delta import save_sparse, write_edited_checkpoint
-from cdelta.edit.formats import export, export_source, factorize, provenance_of, rank_summary
+from cdelta.edit.card import provenance_of
+from cdelta.edit.formats import export, export_source, factorize, rank_summary
 from cdelta.errors import CdeltaError
 from cdelta.models.loading import weights_hash
 from conftest import make_model, make_tokenizer

@@ -22,7 +22,7 @@ from cdelta.data.prompts import PromptSet
 from cdelta.edit.data import RETAIN_REPLY_TOKENS, own_reply_pairs, refusal_edit_data
 from cdelta.edit.delta import Delta, compose
 from cdelta.edit.export import export_edit
-from cdelta.edit.train import masked_finetune
+from cdelta.edit.train import masked_finetune, train_config
 from cdelta.evaluate import EvalConfig, evaluate_model
 from cdelta.models.loading import LoadedModel, load_model
 
@@ -44,7 +44,7 @@ def edit(lm: LoadedModel, circuit, category: str, k: float = 1.0, prompts: Promp
     """
     cfg = RunConfig(category=[category], **settings)
     data = refusal_edit_data(prompts or load_builtin(), cfg, lambda retain: own_reply_pairs(lm.model, lm.tokenizer, retain, RETAIN_REPLY_TOKENS))
-    return compose(masked_finetune(lm.model, lm.tokenizer, circuit.param_masks(lm.model), data, cfg.train_config()), None, k)
+    return compose(masked_finetune(lm.model, lm.tokenizer, circuit.param_masks(lm.model), data, train_config(cfg)), None, k)
 
 
 def export(lm: LoadedModel, delta: Delta, out_dir: str | Path, **manifest) -> dict:

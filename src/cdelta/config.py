@@ -92,19 +92,6 @@ class RunConfig(BaseModel):
         """Retain prompts drawn per kind (``other`` is per other harmful category)."""
         return {"harmless": self.retain_harmless, "lookalike": self.retain_lookalike, "other": self.retain_other}
 
-    def train_config(self):
-        """The masked fine-tune's settings (``edit.train.TrainConfig``)."""
-        from cdelta.edit.train import TrainConfig
-
-        return TrainConfig(steps=self.steps, lr=self.lr, batch_size=self.batch_size, retain_weight=self.retain_weight,
-                           first_token_weight=self.first_token_weight, seed=self.seed)
-
-    def eval_config(self, split: str = "test"):
-        """The before/after evaluation's settings (``evaluate.EvalConfig``) on ``split``."""
-        from cdelta.evaluate import EvalConfig
-
-        return EvalConfig(split, self.judge, self.max_new_tokens, self.eval_batch_size, self.eval_limit, self.mmlu_n, seed=self.seed,
-                          contexts=tuple(self.eval_contexts))
 
     @field_validator("category")
     @classmethod

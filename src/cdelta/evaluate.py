@@ -189,15 +189,22 @@ def limit_per_category(prompts: PromptSet, limit: int | None, seed: int = 0) -> 
     return PromptSet(prompts.name, kept)
 
 
+def _run_default(name: str):
+    """``RunConfig``'s default of its field ``name`` (the one place run defaults are defined)."""
+    from cdelta.config import RunConfig
+
+    return RunConfig.model_fields[name].default
+
+
 @dataclass
 class EvalConfig:
     """What ``evaluate_model`` measures; the CLI flags mirror these fields. ``contexts``:
     names from ``data.contexts.CONTEXTS`` (``plain`` is always measured)."""
 
     split: str = "test"
-    judge: str = "classifier"
-    max_new_tokens: int = 48
-    batch_size: int = 16
+    judge: str = _run_default("judge")
+    max_new_tokens: int = _run_default("max_new_tokens")
+    batch_size: int = _run_default("eval_batch_size")
     limit_per_category: int | None = None
     mmlu_n: int = 100
     ppl_chars: int = 20000
@@ -205,6 +212,12 @@ class EvalConfig:
     seed: int = 0
     backend: str = "transformers"
     contexts: tuple[str, ...] = (PLAIN,)
+
+
+def eval_config(cfg, split: str = "test") -> EvalConfig:
+    """The before/after evaluation's settings of run ``cfg`` (a ``RunConfig``) on ``split``."""
+    return EvalConfig(split, cfg.judge, cfg.max_new_tokens, cfg.eval_batch_size, cfg.eval_limit, cfg.mmlu_n, seed=cfg.seed,
+                      contexts=tuple(cfg.eval_contexts))
 
 
 def sampled_names(sampling: Sampling = SAMPLING) -> list[str]:

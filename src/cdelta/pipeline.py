@@ -32,7 +32,7 @@ from cdelta.edit.select_k import KL_LIMIT, choose_k, validation_prompts
 from cdelta.edit.train import EditData
 from cdelta.edit.variants import train_delta
 from cdelta.errors import CdeltaError
-from cdelta.evaluate import evaluate_model
+from cdelta.evaluate import eval_config, evaluate_model
 from cdelta.io import atomic_write_json, provenance
 from cdelta.models.loading import LoadedModel, load_model
 from cdelta.stages import base_evaluation, file_digest, fingerprint, locks_run_dir, prompts_digest, run_stage
@@ -236,7 +236,7 @@ def run_pipeline(cfg: RunConfig, run_dir: Path, log: Log = print) -> dict:
 
     # 6. evaluate the base and the exported checkpoint (loaded fresh, as users will), then the controls (evaluate)
     clock = time.perf_counter()
-    eval_cfg = cfg.eval_config()
+    eval_cfg = eval_config(cfg)
     sets = eval_sets(cfg.eval_prompts)
     eval_key = {"model_sha256": lm.weights_sha256, "seed": cfg.seed, "eval": vars(eval_cfg), "sets": cfg.eval_prompts}
     base_results = run_stage(

@@ -146,8 +146,6 @@ def model_card(info: dict, metrics: dict | None = None, *, results: dict | None 
     "note"}``; ``files``/``adapter``: what the export wrote (GGUF file and type; adapter ranks).
     """
     if provenance is None:
-        from cdelta.edit.formats import provenance_of
-
         provenance = provenance_of(info.get("base_model"))
     files = files or {}
     upstream = provenance.get("base_model")
@@ -207,3 +205,32 @@ def model_card(info: dict, metrics: dict | None = None, *, results: dict | None 
 def write_model_card(checkpoint: Path, info: dict, metrics: dict | None = None, **kwargs) -> None:
     """Write ``model_card(info, metrics, **kwargs)`` to ``checkpoint/README.md``, atomically."""
     atomic_write_bytes(Path(checkpoint) / "README.md", model_card(info, metrics, **kwargs).encode())
+
+
+def provenance_of(name, base_dir: Path | None = None, config: dict | None = None) -> dict:
+    """The upstream hub id, license and a note on the weights of the base model ``name`` (as a run
+    records it: bundled name, local directory or hub id): from the bundled table, the name itself
+    when it is a hub id, else the ``_name_or_path`` recorded in the config when that is one."""
+    from cdelta.models.bundled import BUNDLED, cache_info
+
+    upstream = license_ = note = None
+    spec = BUNDLED.get(name) if isinstance(name, str) else None
+    info = cache_info(base_dir) if base_dir is not None else None
+    if spec is None and info and info.get("name") in BUNDLED:
+        spec = BUNDLED[info["name"]]
+    if spec is not None:
+        upstream, license_ = spec.upstream.split(" (")[0], spec.license.lower()
+        quant = spec.upstream.partition(" (")[2].rstrip(")")
+        note = f"cdelta's bundled `{spec.name}`: the {quant or 'copy'} of {upstream}, dequantized to float32"
+    elif isinstance(name, str) and _looks_like_hub_id(name) and not Path(name).expanduser().exists():
+        upstream = name
+    else:
+        recorded = (config or {}).get("_name_or_path")
+        if isinstance(recorded, str) and _looks_like_hub_id(recorded) and not Path(recorded).expanduser().exists():
+            upstream = recorded
+    return {"base_model": upstream, "license": license_, "note": note}
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    parts = name.split("/")
+    return len(parts) == 2 and all(parts) and not name.startswith((".", "~")) and not name.endswith((".gguf", ".safetensors"))

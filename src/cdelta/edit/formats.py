@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from cdelta.edit.card import write_model_card
+from cdelta.edit.card import provenance_of, write_model_card
 from cdelta.edit.delta import Delta, count_touched, load_sparse, write_edited_checkpoint
 from cdelta.errors import CdeltaError
 
@@ -144,35 +144,6 @@ def base_provenance(source: ExportSource) -> dict:
     except CdeltaError:
         config = None
     return provenance_of(source.manifest.get("base_model"), source.base_dir, config)
-
-
-def provenance_of(name, base_dir: Path | None = None, config: dict | None = None) -> dict:
-    """The upstream hub id, license and a note on the weights of the base model ``name`` (as a run
-    records it: bundled name, local directory or hub id): from the bundled table, the name itself
-    when it is a hub id, else the ``_name_or_path`` recorded in the config when that is one."""
-    from cdelta.models.bundled import BUNDLED, cache_info
-
-    upstream = license_ = note = None
-    spec = BUNDLED.get(name) if isinstance(name, str) else None
-    info = cache_info(base_dir) if base_dir is not None else None
-    if spec is None and info and info.get("name") in BUNDLED:
-        spec = BUNDLED[info["name"]]
-    if spec is not None:
-        upstream, license_ = spec.upstream.split(" (")[0], spec.license.lower()
-        quant = spec.upstream.partition(" (")[2].rstrip(")")
-        note = f"cdelta's bundled `{spec.name}`: the {quant or 'copy'} of {upstream}, dequantized to float32"
-    elif isinstance(name, str) and _looks_like_hub_id(name) and not Path(name).expanduser().exists():
-        upstream = name
-    else:
-        recorded = (config or {}).get("_name_or_path")
-        if isinstance(recorded, str) and _looks_like_hub_id(recorded) and not Path(recorded).expanduser().exists():
-            upstream = recorded
-    return {"base_model": upstream, "license": license_, "note": note}
-
-
-def _looks_like_hub_id(name: str) -> bool:
-    parts = name.split("/")
-    return len(parts) == 2 and all(parts) and not name.startswith((".", "~")) and not name.endswith((".gguf", ".safetensors"))
 
 
 # ------------------------------------------------------------------------------------------ PEFT

@@ -43,7 +43,7 @@ class TrainConfig:
     ``retain_weight`` scales the KL-to-base retain loss; ``first_token_weight`` is the
     weight of the first reply position inside that KL (the refuse-or-answer decision).
     Defaults are ``RunConfig``'s (``lr``: ``DEFAULT_LR``, the direct variant's); a run
-    builds its own with ``RunConfig.train_config()``.
+    builds its own with ``train_config``.
     """
 
     steps: int = _run_default("steps")
@@ -54,6 +54,12 @@ class TrainConfig:
     first_token_weight: float = _run_default("first_token_weight")
     max_reply_tokens: int = 24
     seed: int = _run_default("seed")
+
+
+def train_config(cfg: RunConfig) -> TrainConfig:
+    """The masked fine-tune's settings of run ``cfg``."""
+    return TrainConfig(steps=cfg.steps, lr=cfg.lr, batch_size=cfg.batch_size, retain_weight=cfg.retain_weight,
+                       first_token_weight=cfg.first_token_weight, seed=cfg.seed)
 
 
 @dataclass

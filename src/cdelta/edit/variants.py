@@ -11,7 +11,7 @@ from cdelta.data.prompts import PromptSet
 from cdelta.edit.delta import Delta, compose
 from cdelta.edit.gate import fit_gate, gated_finetune
 from cdelta.edit.gate_host import threshold_chooser
-from cdelta.edit.train import EditData, masked_finetune
+from cdelta.edit.train import EditData, masked_finetune, train_config
 from cdelta.models.loading import LoadedModel
 
 if TYPE_CHECKING:
@@ -26,7 +26,7 @@ def train_delta(lm: LoadedModel, masks, data: EditData, cfg: RunConfig, contrast
     Gated: the compiled gate in MLP ``host`` and its trained down columns (without a host,
     e.g. the all-parameter control, gated trains directly); ``gate_threshold = "auto"``
     chooses its threshold on ``gate_val``."""
-    train = cfg.train_config()
+    train = train_config(cfg)
     if cfg.variant == "gated" and host is not None:
         threshold = cfg.gate_threshold if cfg.gate_threshold != "auto" else threshold_chooser(lm, cfg, gate_val, label, log)
         gate = fit_gate(lm.model, lm.tokenizer, host, data.target + contrast_data.target, data.retain, cfg.gate_neurons,

@@ -19,9 +19,9 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from platformdirs import user_cache_dir
 
 from cdelta.errors import CdeltaError
+from cdelta.paths import cache_home
 
 
 @dataclass(frozen=True)
@@ -68,7 +68,7 @@ _CACHE_MARKER = "cdelta-cache.json"
 
 def cache_root() -> Path:
     """Directory for dequantized model caches (``$CDELTA_CACHE_DIR`` overrides)."""
-    return Path(os.environ.get("CDELTA_CACHE_DIR") or user_cache_dir("cdelta")) / "models"
+    return cache_home() / "models"
 
 
 def get_bundled(name: str) -> BundledModel:

@@ -27,6 +27,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from cdelta.errors import CdeltaError
+from cdelta.paths import cache_home
 
 HASH_CACHE_NAME = "hashes.json"
 RACY_SECONDS = 2.0
@@ -57,9 +58,7 @@ def _identity(stat: os.stat_result) -> list[int]:
 
 def hash_cache_path() -> Path:
     """Where digests are cached: next to the model caches (``$CDELTA_CACHE_DIR`` overrides)."""
-    from cdelta.models.bundled import cache_root
-
-    return cache_root().parent / HASH_CACHE_NAME
+    return cache_home() / HASH_CACHE_NAME
 
 
 def _read_store(path: Path) -> dict:

@@ -17,6 +17,7 @@ from cdelta.baselines.nest import NestConfig, find_safety_neurons, nest_delta
 from cdelta.compare.base import Method, MethodContext, MethodResult
 from cdelta.compare.tuning import cached_edit, method_config, probe_prompts, refusal_edit_data, run_config, scale_on_val, scaled_result
 from cdelta.edit.delta import Delta
+from cdelta.edit.train import train_config
 from cdelta.models.architecture import architecture_of
 from cdelta.stages import fingerprint
 
@@ -28,7 +29,7 @@ def fit(context: MethodContext) -> MethodResult:
     lm = context.lm
     data = refusal_edit_data(context, cfg)
     target, harmless = probe_prompts(context)
-    train = replace(cfg.train_config(), lr=nest.lr)
+    train = replace(train_config(cfg), lr=nest.lr)
     key = {"model_sha256": lm.weights_sha256, "category": context.category, "nest": vars(nest), "train": vars(train),
            "probe": [target, harmless], "data": fingerprint([data.target, data.retain])}
 

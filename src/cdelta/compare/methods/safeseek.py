@@ -19,6 +19,7 @@ from cdelta.compare.base import Method, MethodContext, MethodResult
 from cdelta.compare.shared import cached
 from cdelta.compare.tuning import cached_edit, method_config, probe_prompts, refusal_edit_data, run_config, scale_on_val, scaled_result
 from cdelta.edit.delta import Delta
+from cdelta.edit.train import train_config
 from cdelta.io import atomic_write_json
 from cdelta.models.architecture import architecture_of
 from cdelta.stages import fingerprint
@@ -42,10 +43,10 @@ def fit(context: MethodContext) -> MethodResult:
                      lambda path: SafetyCircuit.from_dict(json.loads(path.read_text()), arch), context.log, context.refit)
     context.log(f"safeseek ({circuit.meta['mode']} mode): {circuit.n_heads} heads, {circuit.n_neurons} neurons")
     data = refusal_edit_data(context, cfg)
-    key = {"circuit": fingerprint(circuit.to_dict()), "train": vars(cfg.train_config()), "data": fingerprint([data.target, data.retain])}
+    key = {"circuit": fingerprint(circuit.to_dict()), "train": vars(train_config(cfg)), "data": fingerprint([data.target, data.retain])}
 
     def build() -> tuple[Delta, dict]:
-        return circuit_tuning_delta(lm.model, lm.tokenizer, circuit, data, cfg.train_config()), {}
+        return circuit_tuning_delta(lm.model, lm.tokenizer, circuit, data, train_config(cfg)), {}
 
     raw, _ = cached_edit(context, "safeseek-edit", key, build)
     k_info = scale_on_val(context, cfg, raw, {"edit": fingerprint(key)})
