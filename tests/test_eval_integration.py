@@ -22,7 +22,7 @@ def test_eval_smollm2_writes_per_category_tables(monkeypatch, tmp_path):
     result = json.loads(out.read_text())
     builtin = result["sets"]["builtin"]
     assert {"cybercrime", "weapons", "drugs", "fraud", "hate", "privacy", "harmless", "lookalike"} <= set(builtin)
-    for cell in builtin.values():
+    for cell in (c for c in builtin.values() if c["kind"] != "lookalike-field"):  # per-field cells split the 3 look-alikes
         assert cell["n"] == 3 and 0.0 <= cell["ci95"][0] <= cell["refusal_rate"] <= cell["ci95"][1] <= 1.0
     assert "cybercrime" in result["sets"]["jailbreakbench"]
     utility = result["utility"]
