@@ -21,6 +21,7 @@ from pathlib import Path
 
 
 from cdelta.errors import CdeltaError
+from cdelta.models.integrity import sha256_bytes_of
 from cdelta.paths import cache_home
 
 
@@ -79,15 +80,6 @@ def get_bundled(name: str) -> BundledModel:
     return BUNDLED[name]
 
 
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    """Hex sha256 of one file, read in 4 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _part_paths(spec: BundledModel) -> list[Path]:
     """Installed paths of the model's parts; raises if a package is missing."""
     paths = []
@@ -144,7 +136,7 @@ def _assemble_gguf(spec: BundledModel, workdir: Path) -> Path:
             for part in parts:
                 with open(part, "rb") as src:
                     shutil.copyfileobj(src, out, 1 << 24)
-    actual = sha256_file(gguf)
+    actual = sha256_bytes_of(gguf)
     if actual != spec.gguf_sha256:
         raise CdeltaError(
             f"model '{spec.name}' failed its hash check (sha256 {actual[:12]}…, expected {spec.gguf_sha256[:12]}…)",
@@ -192,7 +184,7 @@ def materialize(spec: BundledModel, rebuild: bool = False) -> Path:
             "upstream": spec.upstream,
             "license": spec.license,
             "gguf_sha256": spec.gguf_sha256,
-            "weights_sha256": {w.name: sha256_file(w) for w in weights},
+            "weights_sha256": {w.name: sha256_bytes_of(w) for w in weights},
         }
         (out / _CACHE_MARKER).write_text(json.dumps(info, indent=2))
         if target.exists():
