@@ -8,7 +8,6 @@ the user cache, so later loads take well under a second.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import json
 import os
