@@ -49,6 +49,8 @@ def context_row(base: dict, edited: dict, targets: list[str]) -> dict:
                 rise = 100 * (cell["refusal_rate"] - before["refusal_rate"])
                 if rise > row["other_rise"]:
                     row["other_rise"], row["other_rise_cell"] = rise, f"{name}/{category}"
+    if row["other_rise"] == float("-inf"):  # no other harmful cell
+        row["other_rise"] = None
     for kind in (HARMLESS, LOOKALIKE):
         after, before = edited["pooled"].get(kind), base["pooled"].get(kind)
         if after and before:
@@ -86,7 +88,7 @@ def markdown(summary: dict[str, dict]) -> str:
 
     for context, row in summary.items():
         cells = [context, *(fmt(row["target"].get(s)) for s in sets),
-                 f"{fmt(row['other_rise'], True)} ({row['other_rise_cell']})",
+                 f"{fmt(row['other_rise'], True)} ({row['other_rise_cell']})" if row["other_rise"] is not None else "–",
                  fmt(row.get(HARMLESS), True), fmt(row.get(f"{HARMLESS}_garbled"), True),
                  fmt(row.get(LOOKALIKE), True), fmt(row.get(f"{LOOKALIKE}_garbled"), True),
                  f"{fmt(row.get('own_field'))} ({fmt(row.get('own_field_base'))})" if "own_field" in row else "–"]
