@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from cdelta.config import RunConfig
+from cdelta.config import RunConfig, default_of
 from cdelta.errors import CdeltaError
 
 app = typer.Typer(
@@ -26,11 +26,6 @@ app.add_typer(data_app, name="data")
 
 console = Console(stderr=True)
 out = Console()
-
-def default_of(name: str):
-    """``RunConfig``'s default of its field ``name``: every CLI default comes from there."""
-    return RunConfig.model_fields[name].default
-
 
 def _shown(value) -> str:
     """A default as a flag would be written (lists comma-separated)."""

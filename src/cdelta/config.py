@@ -130,6 +130,11 @@ class RunConfig(BaseModel):
         return self
 
 
+def default_of(name: str):
+    """``RunConfig``'s default of its field ``name``: CLI, API and stage defaults all come from there."""
+    return RunConfig.model_fields[name].default
+
+
 def check_targets(category: list[str], direction: str) -> None:
     """CdeltaError unless the targets fit the direction.
 

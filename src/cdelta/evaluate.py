@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from cdelta.config import default_of
 from cdelta.data.contexts import PLAIN, SAMPLED, SAMPLING, Sampling, contextualize, harmless_requests
 from cdelta.data.prompts import HARM_CATEGORIES, HARMLESS, LOOKALIKE, Prompt, PromptSet
 from cdelta.generation import generate
@@ -189,22 +190,15 @@ def limit_per_category(prompts: PromptSet, limit: int | None, seed: int = 0) -> 
     return PromptSet(prompts.name, kept)
 
 
-def _run_default(name: str):
-    """``RunConfig``'s default of its field ``name`` (the one place run defaults are defined)."""
-    from cdelta.config import RunConfig
-
-    return RunConfig.model_fields[name].default
-
-
 @dataclass
 class EvalConfig:
     """What ``evaluate_model`` measures; the CLI flags mirror these fields. ``contexts``:
     names from ``data.contexts.CONTEXTS`` (``plain`` is always measured)."""
 
     split: str = "test"
-    judge: str = _run_default("judge")
-    max_new_tokens: int = _run_default("max_new_tokens")
-    batch_size: int = _run_default("eval_batch_size")
+    judge: str = default_of("judge")
+    max_new_tokens: int = default_of("max_new_tokens")
+    batch_size: int = default_of("eval_batch_size")
     limit_per_category: int | None = None
     mmlu_n: int = 100
     ppl_chars: int = 20000

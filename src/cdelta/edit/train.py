@@ -23,17 +23,12 @@ import torch
 from torch.func import functional_call
 
 from cdelta.circuits.attribution import frozen
-from cdelta.config import DEFAULT_LR, RunConfig
+from cdelta.config import DEFAULT_LR, RunConfig, default_of
 from cdelta.edit.batches import ReplyBatch, build_reply_batch, reply_kl, reply_logits, reply_nll
 from cdelta.edit.truncated import lowest_layer, residual_at
 from cdelta.models.architecture import architecture_of
 from cdelta.models.chat import ChatInput
 from cdelta.ui import progress_bar
-
-
-def _run_default(name: str):
-    """``RunConfig``'s default of its field ``name`` (the one place run defaults are defined)."""
-    return RunConfig.model_fields[name].default
 
 
 @dataclass
@@ -46,14 +41,14 @@ class TrainConfig:
     builds its own with ``train_config``.
     """
 
-    steps: int = _run_default("steps")
+    steps: int = default_of("steps")
     lr: float = DEFAULT_LR
-    batch_size: int = _run_default("batch_size")
+    batch_size: int = default_of("batch_size")
     retain_batch_size: int = 16
-    retain_weight: float = _run_default("retain_weight")
-    first_token_weight: float = _run_default("first_token_weight")
+    retain_weight: float = default_of("retain_weight")
+    first_token_weight: float = default_of("first_token_weight")
     max_reply_tokens: int = 24
-    seed: int = _run_default("seed")
+    seed: int = default_of("seed")
 
 
 def train_config(cfg: RunConfig) -> TrainConfig:
