@@ -380,8 +380,13 @@ def test_cli_exports_a_run(monkeypatch, capsys, tmp_path):
     _cli_ok(monkeypatch, "export", str(run), "--format", "peft", "--out", str(tmp_path / "adapter"))
     assert "7 modules, rank 2-8, exact" in " ".join(capsys.readouterr().out.split())
     _cli_ok(monkeypatch, "export", str(run), "--format", "gguf", "--gguf-type", "Q8_0", "--out", str(tmp_path / "g"))
-    out = " ".join(capsys.readouterr().out.split())
+    captured = capsys.readouterr()
+    out = " ".join(captured.out.split())
     assert "Q8_0" in out and len(list((tmp_path / "g").glob("*-q8_0.gguf"))) == 1
+    assert "warning: 8-bit Q8_0 can move a gated edit's gate" in " ".join((captured.out + captured.err).split())
+    _cli_ok(monkeypatch, "export", str(run), "--format", "gguf", "--out", str(tmp_path / "g16"))
+    captured = capsys.readouterr()
+    assert "warning" not in captured.out + captured.err
 
 
 def test_a_tiny_gated_run_exports_exactly(tiny_llama_dir, tmp_path, monkeypatch):

@@ -350,6 +350,9 @@ def export(source: ExportSource, fmt: str, out: Path, rank: int | None = None, g
     elif fmt == "peft":
         summary.update(write_peft_adapter(source, out, rank, log))
     else:
+        if gguf_type == "q8_0" and source.manifest.get("variant") == "gated":
+            log("warning: 8-bit Q8_0 can move a gated edit's gate enough to lose its refusals (docs/formats.md); "
+                "prefer --gguf-type f16 or f32")
         checkpoint = source.edited_checkpoint()
         created = not out.exists()
         out.mkdir(parents=True, exist_ok=True)
