@@ -97,16 +97,13 @@ def markdown(summary: dict[str, dict]) -> str:
 
 
 def read_evaluation(path) -> dict:
-    """An evaluation's results (a ``cdelta eval`` results.json, or a run's ``edited``/``base`` part)."""
-    import json
+    """An evaluation's results (the results.json of ``cdelta eval``)."""
     from pathlib import Path
 
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CdeltaError(f"{path} not found", "pass the results.json written by cdelta eval") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CdeltaError(f"{path} is not valid JSON ({exc})", "re-run cdelta eval to rewrite it") from None
-    if not isinstance(data, dict) or not isinstance(data.get("sets"), dict) or not isinstance(data.get("pooled"), dict):
-        raise CdeltaError(f"{path} is not a cdelta eval result (no sets and pooled tables)", "pass the results.json written by cdelta eval")
+    from cdelta.models.integrity import read_json_object
+
+    fix = "pass the results.json written by cdelta eval"
+    data = read_json_object(Path(path), "cdelta eval result", fix)
+    if not isinstance(data.get("sets"), dict) or not isinstance(data.get("pooled"), dict):
+        raise CdeltaError(f"{path} is not a cdelta eval result (no sets and pooled tables)", fix)
     return data

@@ -200,7 +200,9 @@ def read_safetensors_header(path: Path, what: str = "safetensors file", fix: str
     return header, metadata or {}
 
 
-def _read_json_object(path: Path, what: str, fix: str) -> dict:
+def read_json_object(path: Path, what: str, fix: str) -> dict:
+    """The JSON object in ``path``; a ``CdeltaError`` naming ``what`` was expected (and ``fix``)
+    when the file cannot be read, is not JSON or is not an object."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except OSError as exc:
@@ -222,7 +224,7 @@ def check_checkpoint(directory: Path) -> dict[str, dict[str, dict]]:
     """
     directory = Path(directory)
     fix = f"the checkpoint in {directory} is damaged or incomplete: copy or export it again"
-    config = _read_json_object(directory / "config.json", "model config", fix)
+    config = read_json_object(directory / "config.json", "model config", fix)
     if not isinstance(config.get("model_type"), str):
         raise CdeltaError(f"{directory / 'config.json'} names no model_type", fix)
     files = sorted(directory.glob("*.safetensors"))
@@ -234,7 +236,7 @@ def check_checkpoint(directory: Path) -> dict[str, dict[str, dict]]:
         raise CdeltaError(f"no *.safetensors weights in {directory}", "point --model at a Hugging Face model directory")
     tensors = {f.name: check_safetensors(f, "safetensors weight file", fix) for f in files}
     for index_path in sorted(directory.glob("*.safetensors.index.json")):
-        index = _read_json_object(index_path, "safetensors shard index", fix)
+        index = read_json_object(index_path, "safetensors shard index", fix)
         weight_map = index.get("weight_map")
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise CdeltaError(f"{index_path} has no weight_map of tensor names to shard files", fix)
