@@ -43,11 +43,14 @@ def decision_inputs(lm, texts: list[str], batch_size: int = 16, layers: list[int
     """``{layer: MLP input at each prompt's last token [n_prompts, d_model]}`` for ``layers``
     (default every layer), one forward pass per batch."""
     layers = range(lm.model.config.num_hidden_layers) if layers is None else layers
+    out: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
     with ExitStack() as stack:
         inputs = {layer: stack.enter_context(recording_mlp_input(lm.model, layer)) for layer in layers}
         for start in range(0, len(texts), batch_size):
             lm.model.get_decoder()(**encode_chat(lm.tokenizer, texts[start : start + batch_size]), use_cache=False)
-    return {layer: torch.cat([x[:, -1].float() for x in inputs[layer]]) for layer in layers}  # left-padded: -1 is the last prompt token
+            for layer in layers:  # left-padded: -1 is the last prompt token
+                out[layer].append(inputs[layer].pop()[:, -1].float())
+    return {layer: torch.cat(out[layer]) for layer in layers}
 
 
 def is_positive(prompt: Prompt, target: str) -> bool:

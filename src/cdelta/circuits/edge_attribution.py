@@ -60,11 +60,9 @@ from cdelta.circuits.attribution import (
     PairBatch,
     _Interpolate,
     check_positions,
-    frozen,
-    iter_pair_batches,
     midpoint_alphas,
 )
-from cdelta.circuits.edge_patching import EdgeWeights, chunk_len, patch_edges, writer_acts
+from cdelta.circuits.edge_patching import EdgeWeights, chunk_len, edge_pair_batches, patch_edges, writer_acts
 from cdelta.circuits.graph import EdgeGraph, check_edge_model, rank_edges
 from cdelta.circuits.hooks import EMBED_SITE, node_sites
 from cdelta.circuits.metric import Metric, get_metric
@@ -286,23 +284,18 @@ def attribute_edges(
     n = len(clean)
     m_clean, m_corrupt = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
     start = time.perf_counter()
-    with frozen(model):
-        w = EdgeWeights.of(model, arch)
-        for idx, pb in iter_pair_batches(model, arch, tokenizer, metric_obj, clean, corrupt, batch_size, n_positions):
-            if on_pass:
-                on_pass()
-                on_pass()
-            if method == "exact":
-                total += _exact_scores(model, arch, graph, w, pb, exact_rows, on_pass)
-            else:
-                deltas = _Deltas(graph, w, pb)
-                alphas = [None] if method == "eap" else midpoint_alphas(steps)
-                for alpha in alphas:
-                    total += _gradient_pass(model, arch, graph, w, pb, deltas, alpha) / len(alphas)
-                    if on_pass:
-                        on_pass()
-            m_clean[idx] = pb.m_clean.double().cpu()
-            m_corrupt[idx] = pb.m_corrupt.double().cpu()
+    for w, idx, pb in edge_pair_batches(model, arch, tokenizer, metric_obj, clean, corrupt, batch_size, n_positions, on_pass):
+        if method == "exact":
+            total += _exact_scores(model, arch, graph, w, pb, exact_rows, on_pass)
+        else:
+            deltas = _Deltas(graph, w, pb)
+            alphas = [None] if method == "eap" else midpoint_alphas(steps)
+            for alpha in alphas:
+                total += _gradient_pass(model, arch, graph, w, pb, deltas, alpha) / len(alphas)
+                if on_pass:
+                    on_pass()
+        m_clean[idx] = pb.m_clean.double().cpu()
+        m_corrupt[idx] = pb.m_corrupt.double().cpu()
     return EdgeAttribution(
         arch=arch,
         scores=total / n,

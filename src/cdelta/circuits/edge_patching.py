@@ -15,11 +15,12 @@ rows·positions·d``.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 
-from cdelta.circuits.attribution import PairBatch
+from cdelta.circuits.attribution import PairBatch, frozen, iter_pair_batches
 from cdelta.circuits.graph import EdgeGraph
 from cdelta.circuits.hooks import ATTN, EMBED_SITE, MLP, run_with_handler
 from cdelta.models.architecture import Architecture, attn_norm, attn_proj, final_norm, mlp, mlp_norm
@@ -243,3 +244,18 @@ def patch_edges(
     for start in range(0, len(specs), per_pass):
         out += list(_run_patched(model, arch, graph, w, pb, specs[start : start + per_pass], source))
     return out
+
+
+def edge_pair_batches(model: torch.nn.Module, arch: Architecture, tokenizer, metric, clean: list[str], corrupt: list[str],
+                      batch_size: int, n_positions: int | str | None,
+                      on_pass: Callable[[], None] | None = None) -> Iterator[tuple[EdgeWeights, list[int], PairBatch]]:
+    """The clean/corrupted pair batches of an edge computation, with the model frozen:
+    yields ``(weights, original indices, batch)``; ``on_pass`` is called twice per batch
+    (its clean and corrupted forward passes)."""
+    with frozen(model):
+        weights = EdgeWeights.of(model, arch)
+        for idx, pb in iter_pair_batches(model, arch, tokenizer, metric, clean, corrupt, batch_size, n_positions):
+            if on_pass:
+                on_pass()
+                on_pass()
+            yield weights, idx, pb

@@ -23,10 +23,9 @@ from collections.abc import Callable
 import torch
 
 from cdelta.circuits import faithfulness as faith_mod
-from cdelta.circuits.attribution import frozen, iter_pair_batches
 from cdelta.circuits.circuit import Circuit, parse_selection
 from cdelta.circuits.edge_attribution import EdgeAttribution
-from cdelta.circuits.edge_patching import EdgeWeights, patch_edges
+from cdelta.circuits.edge_patching import edge_pair_batches, patch_edges
 from cdelta.circuits.graph import (
     EdgeGraph,
     check_edge_model,
@@ -213,19 +212,14 @@ def evaluate_edge_circuits(
     names = ["__empty__", *circuits]
     kept = {"__empty__": torch.zeros((graph.n_writers, graph.n_readers), dtype=torch.bool), **circuits}
     out = {name: torch.zeros(len(clean), dtype=torch.float64) for name in ["__clean__", "__corrupt__", *names]}
-    with frozen(model):
-        w = EdgeWeights.of(model, arch)
-        for idx, pb in iter_pair_batches(model, arch, tokenizer, metric_obj, clean, corrupt, batch_size, n_positions):
+    for w, idx, pb in edge_pair_batches(model, arch, tokenizer, metric_obj, clean, corrupt, batch_size, n_positions, on_pass):
+        out["__clean__"][idx] = pb.m_clean.double().cpu()
+        out["__corrupt__"][idx] = pb.m_corrupt.double().cpu()
+        specs = [~kept[name] for name in names]
+        for name, m in zip(names, patch_edges(model, arch, pb, specs, max_rows=max_rows, weights=w)):
+            out[name][idx] = m.double().cpu()
             if on_pass:
                 on_pass()
-                on_pass()
-            out["__clean__"][idx] = pb.m_clean.double().cpu()
-            out["__corrupt__"][idx] = pb.m_corrupt.double().cpu()
-            specs = [~kept[name] for name in names]
-            for name, m in zip(names, patch_edges(model, arch, pb, specs, max_rows=max_rows, weights=w)):
-                out[name][idx] = m.double().cpu()
-                if on_pass:
-                    on_pass()
     return out
 
 
