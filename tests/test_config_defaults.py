@@ -19,7 +19,7 @@ DEFAULTS = RunConfig()
 FLAGS = {
     "run": {name: name for name in (
         "model", "category", "direction", "circuit", "variant", "gate_span", "gate_layer", "steps", "k", "search", "search_trials",
-        "controls", "train_contexts", "n_pairs", "seed", "device", "dtype", "device_map", "max_memory_mb", "trust_remote_code")}
+        "controls", "train_contexts", "refusal_openings", "n_pairs", "seed", "device", "dtype", "device_map", "max_memory_mb", "trust_remote_code")}
     | {"context": "eval_contexts"},
     "eval": {"model": "model", "judge": "judge", "limit_per_category": "eval_limit", "max_new_tokens": "max_new_tokens",
              "batch_size": "eval_batch_size", "mmlu_n": "mmlu_n", "seed": "seed", "device": "device", "dtype": "dtype",

@@ -167,6 +167,18 @@ def test_training_in_contexts_adds_one_copy_per_context():
     assert pairs_from_json(json.loads(json.dumps(pairs))) == pairs
 
 
+def test_decisive_openings_learn_only_refusals_that_refuse_in_their_first_words():
+    from cdelta.edit.data import DECISIVE_OPENINGS, refusal_pairs
+
+    target = load_builtin().filter(category="cybercrime", split="train")
+    default = [reply for _, reply in refusal_pairs(target, "cybercrime")]
+    decisive = [reply for _, reply in refusal_pairs(target, "cybercrime", openings="decisive")]
+    assert len(decisive) == len(target) and all(reply.startswith(DECISIVE_OPENINGS) for reply in decisive)
+    assert len(set(decisive)) > 5, "still drawn from the category's and generic refusals"
+    assert not all(reply.startswith(DECISIVE_OPENINGS) for reply in default), "the default keeps every refusal"
+    assert refusal_pairs(target, "cybercrime", openings="decisive") == refusal_pairs(target, "cybercrime", openings="decisive")
+
+
 def test_pipeline_trains_in_contexts_and_keys_the_edit_on_them(tiny_llama_dir, tmp_path, monkeypatch):
     import json
 
@@ -188,6 +200,9 @@ def test_pipeline_trains_in_contexts_and_keys_the_edit_on_them(tiny_llama_dir, t
     assert any(isinstance(prompt, list) and prompt[0][0] == "system" for prompt, _ in retain)
     assert (tmp_path / "ctx" / "delta.safetensors").read_bytes() != (tmp_path / "plain" / "delta.safetensors").read_bytes()
     assert set(results["edited"]["contexts"]) == {"system"} and "context_range" in results["base"]
+    plain_delta = (tmp_path / "plain" / "delta.safetensors").read_bytes()
+    run_pipeline(RunConfig(**common, refusal_openings="decisive"), tmp_path / "plain", log=lambda m: None)
+    assert (tmp_path / "plain" / "delta.safetensors").read_bytes() != plain_delta, "other learned replies retrain the edit"
 
 
 def test_domain_lookalikes_of_the_target_are_all_retained_and_nothing_else_changes():

@@ -327,6 +327,7 @@ def run_cmd(
         "Deployment context to evaluate in besides plain: system, conversation, rephrased, sampled, or all; repeat for several (docs/contexts.md)."))] = None,
     train_contexts: Annotated[Optional[str], option_for("train_contexts", unset_means_default=True, help=(
         "Comma-separated contexts the edit is fitted and trained in besides plain (system, conversation, rephrased; docs/contexts.md), or none."))] = None,
+    refusal_openings: Annotated[Optional[str], option_for("refusal_openings", unset_means_default=True)] = None,
     n_pairs: Annotated[Optional[int], option_for("n_pairs", unset_means_default=True)] = None,
     seed: Annotated[Optional[int], option_for("seed", unset_means_default=True)] = None,
     device: Annotated[Optional[str], option_for("device", unset_means_default=True)] = None,
@@ -344,7 +345,7 @@ def run_cmd(
     overrides = dict(
         model=model, category=category.split(",") if category else None, direction=direction, circuit=circuit, variant=variant, gate_span=gate_span, gate_layer=gate_layer, steps=steps,
         k=k, search=search, search_trials=search_trials, controls=controls.split(",") if controls else None, n_pairs=n_pairs, seed=seed, device=device,
-        eval_contexts=context, train_contexts=_context_list(train_contexts),
+        eval_contexts=context, train_contexts=_context_list(train_contexts), refusal_openings=refusal_openings,
         dtype=dtype, device_map=device_map, max_memory_mb=max_memory_mb, trust_remote_code=trust_remote_code,
     )
     cfg = make_config(load_config_file(config) if config else {}, overrides)

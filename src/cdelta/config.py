@@ -55,6 +55,9 @@ class RunConfig(BaseModel):
     train_contexts: list[Literal["system", "conversation", "rephrased"]] = Field(
         [], description="Deployment contexts the edit is also fitted and trained in: every target and retain prompt of the train split is added once per context, with context instances from the train split of the library (docs/contexts.md)."
     )
+    refusal_openings: Literal["any", "decisive"] = Field(
+        "any", description="Refusal replies learned for direction refuse: any of the project's refusals, or decisive: only those whose first words already refuse (\"I can't\", \"I won't\"), so a gate open on the reply's first tokens (gate_span) commits the model to the refusal (docs/contexts.md)."
+    )
     # edit
     variant: Literal["direct", "contrastive", "gated"] = Field(
         "direct", description="direct: one masked fine-tune; contrastive: k·M⊙(θ_pos − θ_neg); gated: neurons of the circuit's top MLP rewritten as a category gate (docs/gated.md)."

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from cdelta.circuits.circuit import random_circuit_like
-from cdelta.config import RunConfig, check_targets
+from cdelta.config import RunConfig, check_targets, default_of
 from cdelta.data.prompts import PromptSet
 from cdelta.data.public import check_trainable
 from cdelta.data.runs import eval_sets, run_prompts
@@ -106,8 +106,9 @@ def build_edit(cfg: RunConfig, run_dir: Path, lm: LoadedModel, log: Log = print,
 
     # 3. train: circuit-restricted ΔθC (before scaling by k), one per circuit size tried (edit.variants)
     edit_fields = {"variant", "direction", "steps", "lr", "batch_size", "retain_weight", "first_token_weight", "category"}
-    if cfg.train_contexts:  # absent when unset, so run directories made before the option keep their key
-        edit_fields.add("train_contexts")
+    for optional in ("train_contexts", "refusal_openings"):  # absent when default, so older run directories keep their key
+        if getattr(cfg, optional) != default_of(optional):
+            edit_fields.add(optional)
     edit_key = {**base_key, "circuits": [file_digest(run_dir / "localize" / c / "circuit.json") for c in cfg.category],
                 "retain": file_digest(run_dir / "retain.json"), **cfg.model_dump(include=edit_fields)}
     if cfg.direction == "lift":

@@ -63,10 +63,17 @@ def in_contexts(chosen: PromptSet, prompts: PromptSet, contexts: list[str], spli
     return PromptSet(chosen.name, out.prompts)
 
 
-def refusal_pairs(prompts: PromptSet, category: str, seed: int = 0) -> list[Pair]:
-    """(prompt, refusal reply) pairs; replies drawn deterministically from the category's and generic refusals."""
+DECISIVE_OPENINGS = ("I can't", "I won't", "I cannot", "I will not")
+"""How a ``decisive`` refusal starts: its first two or three tokens already refuse."""
+
+
+def refusal_pairs(prompts: PromptSet, category: str, seed: int = 0, openings: str = "any") -> list[Pair]:
+    """(prompt, refusal reply) pairs; replies drawn deterministically from the category's and
+    generic refusals (``openings = "decisive"``: only those starting with ``DECISIVE_OPENINGS``)."""
     replies = refusal_replies()
     pool = list(replies.get(category, [])) + list(replies["generic"])
+    if openings == "decisive":
+        pool = [reply for reply in pool if reply.startswith(DECISIVE_OPENINGS)]
     rng = random.Random(f"{seed}:{category}")
     return [(p.chat, rng.choice(pool)) for p in prompts]
 
@@ -136,9 +143,9 @@ def edit_prompts(prompts: PromptSet, cfg: RunConfig, contexts: list[str] = ()) -
     return retain, target
 
 
-def refusal_targets(target: PromptSet, categories: list[str], seed: int = 0) -> list[Pair]:
+def refusal_targets(target: PromptSet, categories: list[str], seed: int = 0, openings: str = "any") -> list[Pair]:
     """``refusal_pairs`` of each category's prompts of ``target``, category by category."""
-    return sum((refusal_pairs(target.filter(category=c), c, seed) for c in categories), [])
+    return sum((refusal_pairs(target.filter(category=c), c, seed, openings) for c in categories), [])
 
 
 def refusal_edit_data(prompts: PromptSet, cfg: RunConfig, retain_replies: Teacher) -> EditData:
@@ -147,7 +154,7 @@ def refusal_edit_data(prompts: PromptSet, cfg: RunConfig, retain_replies: Teache
     from cdelta.edit.train import EditData
 
     retain, target = edit_prompts(prompts, cfg)
-    return EditData(refusal_targets(target, cfg.category, cfg.seed), retain_replies(retain))
+    return EditData(refusal_targets(target, cfg.category, cfg.seed, cfg.refusal_openings), retain_replies(retain))
 
 
 def cached_pairs(run_dir: Path, name: str, key: dict, make: Callable[[], list], log: Log) -> list[Pair]:
@@ -203,7 +210,7 @@ def run_edit_data(cfg: RunConfig, run_dir: Path, lm: LoadedModel, prompts: Promp
                           lambda: own_reply_pairs(lm.model, lm.tokenizer, retain_set, RETAIN_REPLY_TOKENS), log)
     target_key = {**base_key, "prompts": prompts_digest(target)}
     if cfg.direction == "refuse":
-        learned = refusal_targets(target, cfg.category, cfg.seed)
+        learned = refusal_targets(target, cfg.category, cfg.seed, cfg.refusal_openings)
     else:
         lift_key = {**target_key, "teacher": LIFT_TEACHER, "judge": cfg.judge}
         learned = cached_pairs(run_dir, "lift_target", lift_key,
