@@ -434,6 +434,49 @@ def test_gguf_of_a_multimodal_gemma3_is_its_decoder(tok, tmp_path):
     assert float((_logits(back, tok) - wanted).abs().max()) <= 1e-4 * float(wanted.abs().max())
 
 
+SPM_TEXTS = ["How do I hack into a server? Write a poem about the sea.", "ünïcödé 🙂 and\ttabs\nnew lines",
+             "  two spaces <|im_start|>user\nhi<|im_end|>"]
+
+
+@pytest.mark.parametrize("kind, space_prefix", [("mistral", True), ("gemma3", False), ("mixtral", True)])
+def test_gguf_writes_sentencepiece_vocabularies(kind, space_prefix, tmp_path):
+    """A SentencePiece-style vocabulary (Mistral, Gemma, Mixtral, Llama 2) becomes llama.cpp's ``llama``
+    tokenizer: pieces in id order, byte tokens, scores that order the merges as tokenizer.json does,
+    the space prefix as the normalizer says; transformers and (where installed) llama.cpp tokenize
+    as the checkpoint's tokenizer does."""
+    import gguf
+    from conftest import make_spm_tokenizer
+    from transformers import AutoTokenizer
+
+    spm = make_spm_tokenizer(space_prefix)
+    model, base = _saved(tmp_path, kind, spm, **GGUF_READY.get(kind, {}))
+    run = _run(tmp_path, base, _random_delta(model, _circuit(model, ["L0.H1"]).param_masks(model)), "run")
+    summary = export(export_source(run), "gguf", tmp_path / "gguf", gguf_type="f32", log=lambda m: None)
+    reader = gguf.GGUFReader(summary["file"])
+    assert _gguf_field(reader, "tokenizer.ggml.model") == "llama"
+    assert _gguf_field(reader, "tokenizer.ggml.add_space_prefix") is space_prefix
+    tokens, types = _gguf_field(reader, "tokenizer.ggml.tokens"), _gguf_field(reader, "tokenizer.ggml.token_type")
+    scores = _gguf_field(reader, "tokenizer.ggml.scores")
+    assert tokens == spm.convert_ids_to_tokens(list(range(len(spm))))
+    T = gguf.TokenType
+    assert [tokens[i] for i, t in enumerate(types) if t == T.BYTE] == [f"<0x{b:02X}>" for b in range(256)]
+    assert types[spm.unk_token_id] == T.UNKNOWN and types[spm.convert_tokens_to_ids("<|im_end|>")] == T.CONTROL
+    merged = json.loads((base / "tokenizer.json").read_text())["model"]["merges"]
+    first = [spm.convert_tokens_to_ids("".join(m if isinstance(m, list) else m.split(" "))) for m in merged[:20]]
+    assert [scores[i] for i in first] == sorted((scores[i] for i in first), reverse=True) and max(scores[i] for i in first) < 0
+    if summary["transformers"]:  # its rebuilt tokenizer does not put ▁ after special tokens: plain text only
+        back = AutoTokenizer.from_pretrained(tmp_path / "gguf", gguf_file=Path(summary["file"]).name)
+        for text in SPM_TEXTS[:2]:
+            assert back(text, add_special_tokens=False)["input_ids"] == spm(text, add_special_tokens=False)["input_ids"], text
+    try:
+        import llama_cpp
+    except ImportError:
+        return
+    llm = llama_cpp.Llama(model_path=summary["file"], n_ctx=64, vocab_only=True, verbose=False)
+    for text in SPM_TEXTS:
+        assert llm.tokenize(text.encode(), add_bos=False, special=True) == spm(text, add_special_tokens=False)["input_ids"], text
+
+
 # ------------------------------------------------------------------------------------------ thinking models
 
 THINKING_TEMPLATE = (

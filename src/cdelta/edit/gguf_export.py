@@ -28,9 +28,12 @@ renormalisation, an olmoe with grouped-query attention (its k_norm spans all hea
 clipped qkv or top-k renormalisation, a cohere2 or gemma whose lm_head differs from its embeddings,
 gemma's query scale or sliding-window layout other than llama.cpp's, rope scaling other than linear.
 
-The tokenizer is written as llama.cpp's ``gpt2`` (byte-level BPE) vocabulary: SmolLM, Qwen2/3,
-Llama 3, OLMo, Granite, Command R and the like. SentencePiece vocabularies (Llama 2, Mistral 7B,
-Mixtral, Phi-3 mini, Gemma) need the scores of their ``tokenizer.model`` and are refused.
+The tokenizer comes from ``tokenizer.json``: a byte-level BPE (SmolLM, Qwen2/3, Llama 3, OLMo,
+Granite, Command R) as llama.cpp's ``gpt2`` vocabulary with its merges and pre-tokenizer; a BPE
+with byte fallback, the form Hugging Face keeps SentencePiece vocabularies in (Llama 2, Mistral
+7B, Mixtral, Phi-3 mini, Gemma), as llama.cpp's ``llama`` vocabulary with scores that order its
+merges as tokenizer.json's merge list does (``_sentencepiece``). Other tokenizers (Unigram,
+WordPiece) are refused.
 
 1-D tensors (norms, biases) stay F32 whatever the file type, as llama.cpp keeps them; a tensor
 whose rows do not split into Q8_0 blocks of 32 falls back to F16.
@@ -224,16 +227,17 @@ def _pre_tokenizer(tokenizer_json: dict, model_type: str) -> str:
 
 
 def _write_tokenizer(writer, checkpoint: Path, model_type: str, pre: str | None = None) -> None:
-    """Vocabulary, merges, special ids and chat template of a byte-level BPE tokenizer."""
+    """Vocabulary, special ids and chat template: llama.cpp's ``gpt2`` model for a byte-level BPE,
+    its ``llama`` (SentencePiece) model for a BPE with byte fallback (``_sentencepiece``)."""
     import gguf
     from transformers import AutoTokenizer
 
     path = checkpoint / "tokenizer.json"
     data = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
     model = data.get("model") or {}
-    if model.get("type") != "BPE" or model.get("byte_fallback") or "merges" not in model:
-        raise CdeltaError(f"GGUF export supports byte-level BPE tokenizers only; {checkpoint} has a "
-                          f"{model.get('type', 'missing')} tokenizer{' with byte fallback' if model.get('byte_fallback') else ''}",
+    if model.get("type") != "BPE" or "merges" not in model:
+        raise CdeltaError(f"GGUF export writes BPE tokenizers (byte-level or SentencePiece-style) from tokenizer.json; "
+                          f"{checkpoint} has a {model.get('type', 'missing')} tokenizer",
                           "export --format checkpoint or peft, or convert the checkpoint with llama.cpp's convert_hf_to_gguf.py")
     tokenizer = AutoTokenizer.from_pretrained(str(checkpoint))
     vocab = tokenizer.get_vocab()
@@ -246,19 +250,74 @@ def _write_tokenizer(writer, checkpoint: Path, model_type: str, pre: str | None 
         if added["id"] < size:
             types[added["id"]] = gguf.TokenType.CONTROL if added.get("special") else gguf.TokenType.USER_DEFINED
     merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(pre or _pre_tokenizer(data, model_type))
-    writer.add_token_list(tokens)
-    writer.add_token_types([int(t) for t in types])
-    writer.add_token_merges(merges)
+    if model.get("byte_fallback"):
+        _sentencepiece(writer, data, tokens, types, merges, tokenizer)
+    else:
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre(pre or _pre_tokenizer(data, model_type))
+        writer.add_token_list(tokens)
+        writer.add_token_types([int(t) for t in types])
+        writer.add_token_merges(merges)
     for attr, add in (("bos_token_id", writer.add_bos_token_id), ("eos_token_id", writer.add_eos_token_id),
                       ("pad_token_id", writer.add_pad_token_id), ("unk_token_id", writer.add_unk_token_id)):
         value = getattr(tokenizer, attr, None)
         if value is not None:
             add(int(value))
     writer.add_add_bos_token(bool(getattr(tokenizer, "add_bos_token", False)) and tokenizer.bos_token_id is not None)
+    if model.get("byte_fallback"):
+        writer.add_add_eos_token(bool(getattr(tokenizer, "add_eos_token", False)) and tokenizer.eos_token_id is not None)
     if tokenizer.chat_template:
         writer.add_chat_template(tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else tokenizer.chat_template)
+
+
+_BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+
+
+def _sentencepiece(writer, data: dict, tokens: list, types: list, merges: list, tokenizer) -> None:
+    """llama.cpp's SentencePiece (``llama``) vocabulary from the BPE-with-byte-fallback form HF keeps it in.
+
+    llama.cpp merges the adjacent pair whose joined piece scores highest; HF merges the pair that
+    comes first in ``merges``. A piece scores minus the rank of the first merge that makes it, so
+    both pick the same pairs (pieces no merge makes, single characters and bytes, score 0: they are
+    never the result of a merge). ``<0xXX>`` pieces are llama.cpp's byte tokens; the unknown token
+    is its UNKNOWN. A space before the first word (``add_space_prefix``) is llama.cpp's default;
+    it is written as the tokenizer's normalizer or pre-tokenizer says (Gemma adds none).
+    """
+    import gguf
+
+    rank: dict[str, int] = {}
+    for index, merge in enumerate(merges):
+        left, _, right = merge.partition(" ")
+        rank.setdefault(left + right, index)
+    scores = [0.0] * len(tokens)
+    for index, token in enumerate(tokens):
+        if types[index] == gguf.TokenType.NORMAL and _BYTE_TOKEN.fullmatch(token):
+            types[index] = gguf.TokenType.BYTE
+        elif types[index] == gguf.TokenType.NORMAL and token in rank:
+            scores[index] = -float(rank[token] + 1)
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if unk is not None and unk < len(types):
+        types[unk] = gguf.TokenType.UNKNOWN
+    writer.add_tokenizer_model("llama")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types([int(t) for t in types])
+    writer.add_add_space_prefix(_adds_space_prefix(data))
+
+
+def _adds_space_prefix(data: dict) -> bool:
+    """Whether the tokenizer puts ``▁`` before the first word (a ``Prepend`` normalizer, or a
+    ``Metaspace`` pre-tokenizer that prepends)."""
+    def parts(node, key):
+        if not node:
+            return []
+        return [p for child in node.get(key, []) for p in parts(child, key)] if "Sequence" in node.get("type", "") else [node]
+
+    if any(p.get("type") == "Prepend" and p.get("prepend") == "\u2581" for p in parts(data.get("normalizer"), "normalizers")):
+        return True
+    return any(p.get("type") == "Metaspace" and p.get("prepend_scheme", "always" if p.get("add_prefix_space", True) else "never")
+               in ("first", "always") for p in parts(data.get("pre_tokenizer"), "pretokenizers"))
 
 
 def _hyperparameters(writer, config: dict, arch: str, layout: Layout) -> None:
