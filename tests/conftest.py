@@ -15,6 +15,14 @@ CHAT_TEMPLATE = (
 )
 
 
+_CORPUS = [
+    "I'm sorry, but I can't help with that.",
+    "Sure, here is how to write a Python function that sorts a list.",
+    "How do I hack into a server and steal passwords?",
+    "Write a poem about the sea and the sky.",
+] * 10
+
+
 def make_tokenizer():
     """A byte-level BPE tokenizer trained on a few sentences, with a chat template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -28,16 +36,39 @@ def make_tokenizer():
         special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
-    corpus = [
-        "I'm sorry, but I can't help with that.",
-        "Sure, here is how to write a Python function that sorts a list.",
-        "How do I hack into a server and steal passwords?",
-        "Write a poem about the sea and the sky.",
-    ] * 10
-    tok.train_from_iterator(corpus, trainer)
+    tok.train_from_iterator(_CORPUS, trainer)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", bos_token=None
     )
+    fast.chat_template = CHAT_TEMPLATE
+    fast.padding_side = "left"
+    return fast
+
+
+def make_spm_tokenizer(space_prefix: bool = True):
+    """A SentencePiece-style BPE as Hugging Face keeps Llama 2, Mistral and Gemma vocabularies: ``▁``
+    for spaces, byte-fallback tokens ``<0x00>``…``<0xFF>``, the unknown token; ``space_prefix``: a
+    ``▁`` before the first word (Llama 2, Mistral; Gemma has none). With the chat template."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    trained = Tokenizer(models.BPE(unk_token="<unk>"))
+    trained.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+    trained.train_from_iterator(_CORPUS, trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>", "<s>", "</s>"]))
+    data = json.loads(trained.to_str())
+    vocab = {t: i for i, t in enumerate(["<unk>", "<s>", "</s>", *[f"<0x{b:02X}>" for b in range(256)]])}
+    for token, _ in sorted(data["model"]["vocab"].items(), key=lambda kv: kv[1]):
+        vocab.setdefault(token, len(vocab))
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in data["model"]["merges"]]
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581")] * space_prefix + [normalizers.Replace(" ", "\u2581")])
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+                                    + [decoders.Strip(" ", 1, 0)] * space_prefix)
+    tok.add_special_tokens(["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="<|im_end|>", unk_token="<unk>",
+                                   pad_token="<unk>")
     fast.chat_template = CHAT_TEMPLATE
     fast.padding_side = "left"
     return fast

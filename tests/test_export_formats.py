@@ -264,7 +264,7 @@ def test_gguf_read_back_gives_the_checkpoint_logits(kind, tmp_path):
     assert tokenizer.chat_template == reference.chat_template and tokenizer.eos_token == "<|im_end|>"
 
 
-def test_gguf_of_a_mistral_and_sentencepiece_is_refused(tmp_path):
+def test_gguf_of_a_mistral_and_a_unigram_tokenizer_is_refused(tmp_path):
     from transformers import MistralConfig, MistralForCausalLM
 
     tokenizer = make_tokenizer()
@@ -281,12 +281,12 @@ def test_gguf_of_a_mistral_and_sentencepiece_is_refused(tmp_path):
     assert type(back).__name__ in ("MistralForCausalLM", "LlamaForCausalLM")  # llama.cpp's llama architecture: the same computation
     assert float((_logits(back) - _logits(checkpoint)).abs().max()) <= 1e-4 * float(_logits(checkpoint).abs().max())
 
-    spm = json.loads((run / "checkpoint" / "tokenizer.json").read_text())
-    spm["model"]["byte_fallback"] = True
-    (run / "checkpoint" / "tokenizer.json").write_text(json.dumps(spm))
-    with pytest.raises(CdeltaError, match="byte-level BPE tokenizers only") as info:
+    unigram = json.loads((run / "checkpoint" / "tokenizer.json").read_text())
+    unigram["model"]["type"] = "Unigram"  # T5-style: neither byte-level BPE nor SentencePiece BPE
+    (run / "checkpoint" / "tokenizer.json").write_text(json.dumps(unigram))
+    with pytest.raises(CdeltaError, match="writes BPE tokenizers") as info:
         export(export_source(run), "gguf", tmp_path / "g2")
-    assert "\n" not in str(info.value) and not (tmp_path / "g2").exists()
+    assert "\n" not in str(info.value) and "Unigram" in str(info.value) and not (tmp_path / "g2").exists()
 
 
 def test_gguf_from_delta_and_base_needs_the_matching_base(tmp_path):

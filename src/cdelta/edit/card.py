@@ -120,10 +120,14 @@ def _how_to_load(fmt: str, base: str, files: dict, adapter: dict | None) -> list
         return lines
     if fmt == "gguf":
         name = Path(files.get("file", "model.gguf")).name
-        return [
+        lines = [
             "With [llama.cpp](https://github.com/ggml-org/llama.cpp) (or Ollama, LM Studio):", "", "```bash",
-            f"llama-cli -m {name} -cnv", f"llama-server -m {name}", "```", "",
-            "With transformers (dequantized on load):", "", "```python",
+            f"llama-cli -m {name} -cnv", f"llama-server -m {name}", "```",
+        ]
+        if not files.get("transformers", True):  # transformers' GGUF loader does not know this architecture
+            return lines
+        return lines + [
+            "", "With transformers (dequantized on load):", "", "```python",
             "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
             f'model = AutoModelForCausalLM.from_pretrained("PATH/TO/THIS/DIRECTORY", gguf_file="{name}")',
             f'tokenizer = AutoTokenizer.from_pretrained("PATH/TO/THIS/DIRECTORY", gguf_file="{name}")', "```",

@@ -365,7 +365,7 @@ def export(source: ExportSource, fmt: str, out: Path, rank: int | None = None, g
                 shutil.rmtree(out, ignore_errors=True)
             raise
     write_model_card(out, info, results=source.results, fmt=fmt, provenance=provenance,
-                     files={k: summary[k] for k in ("file", "gguf_type") if k in summary}, adapter=summary if fmt == "peft" else None)
+                     files={k: summary[k] for k in ("file", "gguf_type", "transformers") if k in summary}, adapter=summary if fmt == "peft" else None)
     return summary
 
 

@@ -60,7 +60,7 @@ the accessors below for modules and the family for its traits, never a ``model_t
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -85,7 +85,9 @@ class Family:
     (granite); ``parallel``: attention and MLP read one normed input and write together
     (cohere2); ``fused_qkv``/``fused_gate_up``: q/k/v (gate/up) are row blocks of one
     matrix (phi3); ``moe``: the MLP of (some) layers is a routed mixture of experts;
-    ``logit_scale``: the factor the LM head's logits are multiplied by, from the config.
+    ``logit_scale``: the factor the LM head's logits are multiplied by, from the config;
+    ``gguf``: llama.cpp's architecture name for the family (``general.architecture`` of a GGUF
+    file; mistral and mixtral are llama.cpp's ``llama``), read by ``edit.gguf_export``.
     """
 
     post_norm: bool = False
@@ -98,6 +100,7 @@ class Family:
     moe: bool = False
     logit_scale: Callable | None = None
     no_edges: str = ""
+    gguf: str = ""
 
 
 _PLAIN = Family()
@@ -106,23 +109,24 @@ _GEMMA = Family(post_norm=True, edges=False, scaled_embeddings=True,
 _MOE = Family(moe=True)
 
 FAMILIES: dict[str, Family] = {
-    "llama": _PLAIN,
-    "qwen2": _PLAIN,
-    "mistral": _PLAIN,
-    "gemma2": _GEMMA,
-    "gemma3": _GEMMA,
-    "gemma3_text": _GEMMA,
-    "qwen3": _PLAIN,
-    "olmo2": Family(post_norm=True, edges=False, no_edges="its post-norms make head outputs non-additive in the residual stream"),
+    "llama": replace(_PLAIN, gguf="llama"),
+    "qwen2": replace(_PLAIN, gguf="qwen2"),
+    "mistral": replace(_PLAIN, gguf="llama"),
+    "gemma2": replace(_GEMMA, gguf="gemma2"),
+    "gemma3": replace(_GEMMA, gguf="gemma3"),
+    "gemma3_text": replace(_GEMMA, gguf="gemma3"),
+    "qwen3": replace(_PLAIN, gguf="qwen3"),
+    "olmo2": Family(post_norm=True, edges=False, no_edges="its post-norms make head outputs non-additive in the residual stream",
+                    gguf="olmo2"),
     "granite": Family(edges=False, embedding_multiplier=True, logit_scale=lambda c: 1.0 / c.logits_scaling,
-                      no_edges="residual_multiplier scales every write into the residual stream"),
+                      no_edges="residual_multiplier scales every write into the residual stream", gguf="granite"),
     "cohere2": Family(edges=False, parallel=True, logit_scale=lambda c: c.logit_scale,
-                      no_edges="its MLP reads the layer's input, not the heads' output (parallel block)"),
+                      no_edges="its MLP reads the layer's input, not the heads' output (parallel block)", gguf="cohere2"),
     "phi3": Family(edges=False, fused_qkv=True, fused_gate_up=True,
-                   no_edges="its fused qkv_proj cannot be hooked per q/k/v reader"),
-    "qwen3_moe": _MOE,
-    "mixtral": _MOE,
-    "olmoe": _MOE,
+                   no_edges="its fused qkv_proj cannot be hooked per q/k/v reader", gguf="phi3"),
+    "qwen3_moe": replace(_MOE, gguf="qwen3moe"),
+    "mixtral": replace(_MOE, gguf="llama"),
+    "olmoe": replace(_MOE, gguf="olmoe"),
 }
 """Supported ``model_type`` values (of the text config) and their traits."""
 
@@ -448,6 +452,10 @@ _EXPERT_LAYOUTS = (
 )
 
 
+_WRAPPER_PREFIXES = (("model.language_model.", "language_model.model."),)
+"""(in memory, on disk) prefixes of a multimodal wrapper's decoder."""
+
+
 def stored_delta(delta: dict[str, torch.Tensor], stored: set[str]) -> dict[str, torch.Tensor]:
     """``delta`` renamed and split as the checkpoint on disk stores its tensors.
 
@@ -455,11 +463,16 @@ def stored_delta(delta: dict[str, torch.Tensor], stored: set[str]) -> dict[str, 
     (``….mlp.experts.gate_up_proj`` [n_experts, 2·d_expert, d_model], ``….mlp.experts.down_proj``)
     but reads and writes checkpoints in their original per-expert layout
     (``….mlp.experts.{e}.{gate,up,down}_proj.weight``; mixtral ``….block_sparse_moe.experts.{e}.{w1,w3,w2}.weight``
-    and ``….block_sparse_moe.gate.weight``). Names already in ``stored`` pass unchanged; a name
-    with no stored form is returned as it is (the caller reports it).
+    and ``….block_sparse_moe.gate.weight``); multimodal wrappers hold their decoder as
+    ``model.language_model.…`` in memory and may store it as ``language_model.model.…`` (gemma3).
+    Names already in ``stored`` pass unchanged; a name with no stored form is returned as it is (the
+    caller reports it).
     """
     out: dict[str, torch.Tensor] = {}
     for name, value in delta.items():
+        for memory, disk in _WRAPPER_PREFIXES:
+            if name not in stored and name.startswith(memory) and disk + name[len(memory):] in stored:
+                name = disk + name[len(memory):]
         if name in stored:
             out[name] = value
             continue
