@@ -163,13 +163,24 @@ def cdelta_build(context: MethodContext) -> CdeltaBuild:
     ``circuit``, ``k``, ``judge``...) overrides it. The ``run_dir`` option resumes the
     stages of an existing ``cdelta run`` directory made with the same settings.
     """
-    from cdelta.config import RunConfig, load_config_file, make_config
     from cdelta.pipeline import build_edit
 
-    fields = {k: v for k, v in context.options.items() if k in RunConfig.model_fields}
-    file_values = load_config_file(Path(context.options["config"])) if "config" in context.options else {}
-    cfg = make_config(file_values, {**fields, "model": context.lm.name, "category": [context.category], "seed": context.seed})
-    run_dir = Path(context.options["run_dir"]) if "run_dir" in context.options else shared_dir(context) / CDELTA_RUN_DIR
+    cfg, run_dir = cdelta_config(context), cdelta_run_dir(context)
     started = time.perf_counter()
     built = build_edit(cfg, run_dir, context.lm, context.log, prompts=context.prompts)
     return CdeltaBuild(cfg, run_dir, built, time.perf_counter() - started)
+
+
+def cdelta_config(context: MethodContext) -> RunConfig:
+    """The ``RunConfig`` of the shared C-Δθ build: the defaults (or the TOML file of the
+    ``config`` option) with this model, category and seed, overridden by ``RunConfig`` options."""
+    from cdelta.config import RunConfig, load_config_file, make_config
+
+    fields = {k: v for k, v in context.options.items() if k in RunConfig.model_fields}
+    file_values = load_config_file(Path(context.options["config"])) if "config" in context.options else {}
+    return make_config(file_values, {**fields, "model": context.lm.name, "category": [context.category], "seed": context.seed})
+
+
+def cdelta_run_dir(context: MethodContext) -> Path:
+    """Where the shared C-Δθ build's stages live: the ``run_dir`` option, else ``shared_dir/cdelta-run``."""
+    return Path(context.options["run_dir"]) if "run_dir" in context.options else shared_dir(context) / CDELTA_RUN_DIR

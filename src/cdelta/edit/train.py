@@ -164,6 +164,7 @@ def masked_finetune(
     progress: bool = True,
     description: str = "editing",
     retain_logprobs: list[torch.Tensor] | None = None,
+    grad_clip: float | None = None,
 ) -> dict[str, torch.Tensor]:
     """Fine-tune ``model``'s masked entries and return the weight change.
 
@@ -171,6 +172,8 @@ def masked_finetune(
     zero outside the mask) for every parameter with a non-empty mask. ``model`` itself is
     unchanged. ``reference`` (default: ``model``) supplies the retain-KL targets, unless
     ``retain_logprobs`` gives them already (``reference_logprobs`` of ``data.retain``).
+    ``grad_clip`` clips the gradient of the trained entries to that global L2 norm before
+    every step (None, as ``cdelta run`` trains: no clipping).
     """
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed)
@@ -203,6 +206,8 @@ def masked_finetune(
                 loss = loss + config.retain_weight * reply_kl(logits, ref, batch, config.first_token_weight)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(list(slices.values), grad_clip)
             optimizer.step()
             bar.advance(task)
     return slices.deltas()
