@@ -207,7 +207,7 @@ llama.cpp reads them or derives them from head_dim): handed to it when the test 
 
 def _saved(tmp_path, kind: str, tok, **overrides):
     model = build(kind, len(tok), **overrides)
-    base = tmp_path / f"base-{kind}"
+    base = tmp_path / "base"  # the GGUF's general.name comes from it: llama.cpp expects Phi-3's <|end|> in a "phi3" one
     model.save_pretrained(base)
     tok.save_pretrained(base)
     return model, base
@@ -293,7 +293,7 @@ def test_gguf_runs_in_llama_cpp(kind, tok, tmp_path):
     wanted = _logits(AutoModelForCausalLM.from_pretrained(run / "checkpoint", dtype=torch.float32).eval(), tok)[0]
     diff, scale = float((got - wanted).abs().max()), float(wanted.abs().max())
     print(f"\n[{kind}] llama.cpp vs checkpoint: max |Δlogit| = {diff:.3g} (logit scale {scale:.3g})")
-    assert diff <= 1e-2 * scale
+    assert diff <= 5e-3 * scale
 
 
 def _unpermute(weight: torch.Tensor, n_head: int) -> torch.Tensor:
